@@ -1,0 +1,1 @@
+"""The spendkeeper sidecar: gRPC server, LMDB ledger, metrics, notifications and CLI."""

@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf bindings of the spendkeeper API, one subpackage per version."""

@@ -1,0 +1,205 @@
+"""The LMDB environment under the ledger: databases, key encoding, group commit.
+
+One environment holds every database the ledger needs. Commits are not
+fsync'd one by one (``sync=False``, no ``writemap``/``map_async``, so a process
+crash loses nothing and an OS crash can lose only the newest commits); Records
+then wait for a :class:`GroupSync` that fsyncs once for every commit before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+__all__ = [
+    "COUNTER", "DATABASES", "GroupSync", "LedgerError", "LedgerFull", "LedgerUnavailable",
+    "boot_id", "decode_key", "dumps", "encode_key", "loads", "open_env",
+]
+
+#: spent, reserved, requests (nano-USD, nano-USD, count)
+COUNTER = struct.Struct(">qqq")
+_MAX_KEY = 480  # LMDB's default key limit is 511 bytes; keep a margin
+_SEP = "\x1f"
+
+#: The named databases and what they hold.
+DATABASES = {
+    "counters": "(period|day, level, org, name) -> spent, reserved, requests",
+    "requests": "request_id -> state, reservation and the stored answers",
+    "expiry": "monotonic deadline + request_id -> b'' (reservations to reap)",
+    "usage": "(period, org, user, model, meter, unit price, per, label) -> quantity, free, n",
+    "allowances": "(period, org, tool) -> free units used",
+    "journal": "(period, org, seq) -> one settled record (JSON)",
+    "unpriced": "(period, org, seq) -> usage that could not be priced (JSON)",
+    "outbox": "seq -> notification (JSON)",
+    "crossings": "(scope key, threshold) -> outbox seq",
+    "adjustments": "(period, org, seq) -> correction entry (JSON)",
+    "meta": "name -> value",
+}
+
+
+class LedgerError(Exception):
+    """Base of the ledger's errors."""
+
+
+class LedgerFull(LedgerError):
+    """The LMDB map is full: the transaction was aborted and nothing changed."""
+
+
+class LedgerUnavailable(LedgerError):
+    """Storage failed (I/O, fsync): the ledger refuses writes until reopened."""
+
+
+class Conflict(LedgerError):
+    """The request id was used before with a different payload."""
+
+
+def boot_id() -> str:
+    """This boot's id: monotonic clock readings are only comparable within one boot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:  # pragma: no cover - non-Linux
+        return "unknown-boot"
+
+
+def open_env(path: str | Path, map_size: int, readonly: bool = False) -> lmdb.Environment:
+    """Open (creating 0700/0600) the ledger's LMDB environment."""
+    folder = Path(path)
+    if not readonly:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return lmdb.open(str(folder), map_size=map_size, max_dbs=len(DATABASES) + 2, mode=0o600,
+                     subdir=True, sync=False, metasync=False, writemap=False, map_async=False,
+                     readahead=False, max_readers=512, lock=True, readonly=readonly)
+
+
+def encode_key(parts: tuple[str, ...]) -> bytes:
+    """A tuple of strings as an ordered LMDB key (long keys end in a hash)."""
+    raw = _SEP.join(parts).encode()
+    if len(raw) <= _MAX_KEY:
+        return raw
+    digest = hashlib.sha256(raw).hexdigest()
+    head = _SEP.join(parts[:3]).encode()[: _MAX_KEY - 80]
+    return head + (_SEP + "#" + digest).encode()
+
+
+def decode_key(key: bytes, overflow: bytes = b"") -> tuple[str, ...]:
+    """The parts of a key; hashed keys carry their parts in ``overflow`` (JSON)."""
+    if overflow:
+        return tuple(json.loads(overflow))
+    return tuple(key.decode().split(_SEP))
+
+
+def is_hashed(key: bytes) -> bool:
+    """Whether ``key`` was shortened (its parts must be stored with the value)."""
+    return (_SEP + "#").encode() in key[-70:]
+
+
+def dumps(value: Any) -> bytes:
+    """Compact JSON for stored answers and entries."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def loads(raw: bytes) -> Any:
+    """The inverse of :func:`dumps`."""
+    return json.loads(raw)
+
+
+class GroupSync:
+    """One fsync covers every commit made before it started (group commit).
+
+    A writer commits, takes a ticket with :meth:`ticket`, and waits on
+    :meth:`wait`. A single syncer thread fsyncs whenever tickets are pending;
+    everyone whose ticket is older than the fsync's start is released at once.
+    """
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self._sync = sync
+        self._cond = threading.Condition()
+        self._issued = 0
+        self._synced = 0
+        self._error: BaseException | None = None
+        self._closed = False
+        self.syncs = 0
+        self.sync_seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="ledger-sync", daemon=True)
+        self._thread.start()
+
+    def ticket(self) -> int:
+        """Call right after a commit: the number this commit waits for."""
+        with self._cond:
+            self._issued += 1
+            self._cond.notify_all()
+            return self._issued
+
+    def wait(self, ticket: int, timeout: float = 30.0) -> None:
+        """Block until ``ticket`` is durable; raise if the fsync failed."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._synced < ticket:
+                if self._error is not None:
+                    raise LedgerUnavailable(f"fsync failed: {self._error}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    raise LedgerUnavailable("fsync did not complete")
+                self._cond.wait(remaining)
+            if self._error is not None and self._synced < ticket:  # pragma: no cover
+                raise LedgerUnavailable(f"fsync failed: {self._error}")
+
+    @property
+    def failed(self) -> BaseException | None:
+        """The fsync error that poisoned the ledger, if any."""
+        return self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._synced >= self._issued and not self._closed:
+                    self._cond.wait()
+                if self._closed and self._synced >= self._issued:
+                    return
+                target = self._issued
+            started = time.perf_counter()
+            try:
+                self._sync()
+            except BaseException as exc:  # noqa: BLE001 - any failure must stop acknowledgements
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self.syncs += 1
+                self.sync_seconds += time.perf_counter() - started
+                self._synced = target
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Finish pending syncs and stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+
+def fault_sync_check(path: Path) -> None:
+    """Fault injection for tests: a ``FAIL_FSYNC`` file in the data dir fails syncs.
+
+    Real fsync failures (EIO) cannot be provoked without root-only tricks; this
+    file stands in for them so the test suite can prove that no acknowledgement
+    goes out without a durable commit.
+    """
+    if (path / "FAIL_FSYNC").exists():
+        raise OSError(5, "Input/output error (injected by FAIL_FSYNC)")
+
+
+def file_modes_ok(path: Path) -> bool:
+    """Whether the data files are private (0600) as created."""
+    return all((os.stat(path / name).st_mode & 0o077) == 0
+               for name in ("data.mdb", "lock.mdb") if (path / name).exists())
