@@ -118,6 +118,9 @@ class RecordResult:
     late: bool
     policy_version: str
     duplicate: bool = False
+    #: The priced cost (lines per meter) of a first settlement; None on replays.
+    detail: Cost | None = None
+    user_type: str = ""
 
 
 def _fingerprint(kind: str, req: Request, at_given: bool) -> str:
@@ -441,7 +444,8 @@ class Ledger:
         views = tuple(self._view(txn, sc) for sc in scopes)
         self._crossings(txn, org, scopes, views, cost.nanos, period, now)
         self._journal(txn, period, org, member, req, cost, late)
-        return RecordResult(cost.nanos, cost.priced, views, period, late, policy.version)
+        return RecordResult(cost.nanos, cost.priced, views, period, late, policy.version,
+                            detail=cost, user_type=member.user_type)
 
     def _attribution(self, org: OrgPolicy, at: dt.datetime,
                      now: dt.datetime) -> tuple[dt.datetime, bool]:

@@ -1,0 +1,132 @@
+"""Proto <-> domain conversion and request validation for the servicer.
+
+Validation errors are :class:`BadRequest` with a message naming the field;
+the servicer turns them into ``INVALID_ARGUMENT`` before anything is changed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Protocol
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from policy.decide import Request
+from policy.pricing import Usage
+from sidecar.api.v1 import spendkeeper_pb2 as pb
+from sidecar.ledger import LevelView
+
+__all__ = [
+    "MAX_ID_BYTES", "MAX_TOKENS", "BadRequest", "level_pb", "money", "request_from",
+    "timestamp",
+]
+
+MAX_ID_BYTES = 256
+#: A single call never uses more than this many tokens of one meter.
+MAX_TOKENS = 100_000_000
+MAX_TOOL_USES = 1_000_000
+MAX_SECONDS = 31 * 24 * 3600
+_EARLIEST = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+_LATEST = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
+_TIERS = {pb.SERVICE_TIER_UNSPECIFIED: "standard", pb.STANDARD: "standard", pb.BATCH: "batch",
+          pb.PRIORITY: "priority"}
+_SPEEDS = {pb.SPEED_UNSPECIFIED: "standard", pb.SPEED_STANDARD: "standard", pb.FAST: "fast"}
+_LIMITS = {"input_tokens": MAX_TOKENS, "output_tokens": MAX_TOKENS,
+           "cache_write_5m_tokens": MAX_TOKENS, "cache_write_1h_tokens": MAX_TOKENS,
+           "cache_read_tokens": MAX_TOKENS, "web_search_requests": MAX_TOOL_USES,
+           "web_fetch_requests": MAX_TOOL_USES, "code_execution_seconds": MAX_SECONDS}
+
+
+class BadRequest(ValueError):
+    """A request field is invalid; the message names it."""
+
+
+class _Common(Protocol):
+    request_id: str
+    org: str
+    user: str
+    product: str
+    model: str
+    service_tier: pb.ServiceTier.ValueType
+    speed: pb.Speed.ValueType
+    inference_geo: str
+
+    def HasField(self, name: str) -> bool: ...  # noqa: N802 - protobuf's name
+
+    @property
+    def at(self) -> Timestamp: ...
+
+
+def check_id(name: str, value: str, *, required: bool = True) -> None:
+    """Ids are 1 to 256 bytes of UTF-8 without control characters."""
+    if not value:
+        if required:
+            raise BadRequest(f"{name} is required")
+        return
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+        raise BadRequest(f"{name} is longer than {MAX_ID_BYTES} bytes")
+    if any(ord(c) < 0x20 or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise BadRequest(f"{name} contains control characters or invalid UTF-8")
+
+
+def _usage(name: str, msg: pb.Usage) -> Usage:
+    values = {}
+    for field, limit in _LIMITS.items():
+        value = getattr(msg, field)
+        if value < 0:
+            raise BadRequest(f"{name}.{field} is negative ({value})")
+        if value > limit:
+            raise BadRequest(f"{name}.{field} is absurdly large ({value} > {limit})")
+        values[field] = value
+    return Usage(**values)
+
+
+def request_from(msg: _Common, usage: pb.Usage, usage_name: str, now: dt.datetime,
+                 allow_clamp: bool = False) -> tuple[Request, bool]:
+    """A validated domain request and whether ``at`` was given by the caller."""
+    for name in ("request_id", "org", "user", "product", "model"):
+        check_id(name, getattr(msg, name))
+    check_id("inference_geo", msg.inference_geo, required=False)
+    if msg.service_tier not in _TIERS:
+        raise BadRequest(f"service_tier has unknown value {msg.service_tier}")
+    if msg.speed not in _SPEEDS:
+        raise BadRequest(f"speed has unknown value {msg.speed}")
+    at_given = msg.HasField("at")
+    at = now
+    if at_given:
+        if not 0 <= msg.at.nanos < 1_000_000_000:
+            raise BadRequest("at.nanos is out of range")
+        try:
+            at = msg.at.ToDatetime(tzinfo=dt.UTC)
+        except (ValueError, OverflowError):
+            raise BadRequest("at is not a valid timestamp") from None
+        if not _EARLIEST <= at < _LATEST:
+            raise BadRequest("at must be between 2000 and 2100")
+    req = Request(msg.request_id, msg.org, msg.user, msg.product, msg.model,
+                  _usage(usage_name, usage), at, _TIERS[msg.service_tier], _SPEEDS[msg.speed],
+                  msg.inference_geo, allow_clamp)
+    return req, at_given
+
+
+def money(nanos: int) -> pb.Money:
+    """Integer nano-USD as a google.type.Money-shaped message."""
+    units, frac = divmod(abs(nanos), 1_000_000_000)
+    sign = -1 if nanos < 0 else 1
+    return pb.Money(currency_code="USD", units=sign * units, nanos=sign * frac)
+
+
+def timestamp(when: dt.datetime) -> Timestamp:
+    """An aware datetime as a Timestamp."""
+    ts = Timestamp()
+    ts.FromDatetime(when.astimezone(dt.UTC))
+    return ts
+
+
+def level_pb(view: LevelView) -> pb.Level:
+    """A ledger level view as a proto Level."""
+    msg = pb.Level(level=view.level, scope=view.scope, unlimited=view.limit is None,
+                   spent=money(view.spent), reserved=money(view.reserved))
+    if view.limit is not None:
+        msg.limit.CopyFrom(money(view.limit))
+        msg.remaining.CopyFrom(money(view.remaining or 0))
+    return msg
