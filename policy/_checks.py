@@ -114,7 +114,8 @@ class Checker:
         if amount.usd is None:
             return None
         if amount.usd <= 0:
-            self.error("limit-not-positive", f"limit {amount.text} must be more than $0", amount.loc)
+            self.error("limit-not-positive", f"limit {amount.text} must be more than $0",
+                       amount.loc)
             return 1
         if amount.usd > _MAX_LIMIT_USD:
             self.error("limit-too-large", f"limit {amount.text} is over $1,000,000,000", amount.loc)

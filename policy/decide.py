@@ -163,8 +163,8 @@ def _decide(policy: Policy, req: Request, counters: Counters) -> Decision:
     cost = price(org.rates, req.model, req.usage, req.at, service_tier=req.service_tier,
                  speed=req.speed, geo=req.geo)
     levels = tuple(Level(sc, *counters(sc.key)) for sc in scopes_for(org, member, req.at))
-    failing = [lv for lv in levels
-               if lv.scope.limit is not None and lv.spent + lv.reserved + cost.nanos > lv.scope.limit]
+    failing = [lv for lv in levels if lv.scope.limit is not None
+               and lv.spent + lv.reserved + cost.nanos > lv.scope.limit]
     if not failing:
         return Decision(True, "WITHIN_LIMITS", "within limits", cost, cost.nanos, levels, period,
                         resets, member)

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from lark import Lark, Token, Transformer_NonRecursive, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark.exceptions import (
+    UnexpectedCharacters,
+    UnexpectedEOF,
+    UnexpectedInput,
+    UnexpectedToken,
+    VisitError,
+)
 from lark.tree import Meta
 
 from policy import syntax as s
@@ -254,7 +260,8 @@ class _Build(Transformer_NonRecursive):  # type: ignore[type-arg]
     @v_args(meta=True)
     def batch(self, meta: Meta, items: list[Any]) -> s.Batch:
         pct = str(items[0])
-        return s.Batch(self._loc(meta), self._decimal(items[0], pct[:-1]), pct, self._filter(items, 1))
+        return s.Batch(self._loc(meta), self._decimal(items[0], pct[:-1]), pct,
+                       self._filter(items, 1))
 
     def _speed(self, kind: str, meta: Meta, items: list[Any]) -> s.SpeedMod:
         text = str(items[0])

@@ -63,8 +63,8 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 def _convert(name: str, value: Any) -> Any:
     """A file, env or flag value as the field's type."""
-    default = _FIELDS[name].default
-    kind = type(default) if default is not None else Path
+    default: Any = _FIELDS[name].default
+    kind: Any = type(default) if default is not None else Path
     if name == "listen":
         items = value if isinstance(value, list | tuple) else str(value).split(",")
         result = tuple(str(v).strip() for v in items if str(v).strip())

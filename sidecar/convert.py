@@ -28,9 +28,10 @@ MAX_TOOL_USES = 1_000_000
 MAX_SECONDS = 31 * 24 * 3600
 _EARLIEST = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 _LATEST = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
-_TIERS = {pb.SERVICE_TIER_UNSPECIFIED: "standard", pb.STANDARD: "standard", pb.BATCH: "batch",
-          pb.PRIORITY: "priority"}
-_SPEEDS = {pb.SPEED_UNSPECIFIED: "standard", pb.SPEED_STANDARD: "standard", pb.FAST: "fast"}
+_TIERS: dict[int, str] = {pb.SERVICE_TIER_UNSPECIFIED: "standard", pb.STANDARD: "standard",
+                          pb.BATCH: "batch", pb.PRIORITY: "priority"}
+_SPEEDS: dict[int, str] = {pb.SPEED_UNSPECIFIED: "standard", pb.SPEED_STANDARD: "standard",
+                           pb.FAST: "fast"}
 _LIMITS = {"input_tokens": MAX_TOKENS, "output_tokens": MAX_TOKENS,
            "cache_write_5m_tokens": MAX_TOKENS, "cache_write_1h_tokens": MAX_TOKENS,
            "cache_read_tokens": MAX_TOKENS, "web_search_requests": MAX_TOOL_USES,
@@ -42,14 +43,22 @@ class BadRequest(ValueError):
 
 
 class _Common(Protocol):
-    request_id: str
-    org: str
-    user: str
-    product: str
-    model: str
-    service_tier: pb.ServiceTier.ValueType
-    speed: pb.Speed.ValueType
-    inference_geo: str
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def org(self) -> str: ...
+    @property
+    def user(self) -> str: ...
+    @property
+    def product(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def service_tier(self) -> int: ...
+    @property
+    def speed(self) -> int: ...
+    @property
+    def inference_geo(self) -> str: ...
 
     def HasField(self, name: str) -> bool: ...  # noqa: N802 - protobuf's name
 

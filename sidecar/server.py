@@ -143,7 +143,7 @@ class Sidecar:
         while not self._stop.wait(1.0):
             try:
                 self.ledger.reap()
-            except Exception:  # noqa: BLE001 - keep reaping; the error is logged
+            except Exception:
                 _log.exception("reaping reservations failed")
 
     def _watch_loop(self) -> None:
@@ -154,7 +154,7 @@ class Sidecar:
             for _changes in watch(target, stop_event=self._stop, debounce=300,
                                   raise_interrupt=False, rust_timeout=500):
                 self.reload()
-        except Exception:  # noqa: BLE001 - the watcher is best effort; SIGHUP still works
+        except Exception:
             _log.exception("policy watcher stopped; SIGHUP still reloads")
 
     def reload(self) -> bool:
@@ -168,7 +168,7 @@ class Sidecar:
                 _log.error("policy reload rejected; still serving version %s:\n%s",
                            self.holder.policy.version, exc.render())
                 return False
-            except Exception:  # noqa: BLE001 - a reload must never take the server down
+            except Exception:
                 self.reloads["error"] += 1
                 _log.exception("policy reload failed; keeping the last good policy")
                 return False
@@ -241,9 +241,10 @@ def serve_workers(config: Config) -> int:
     listen = []
     for address in config.listen:
         host, _, port = address.rpartition(":")
+        bound = address
         if not address.startswith("unix:") and port == "0":
-            address = f"{host}:{_free_port(host.strip('[]'))}"
-        listen.append(address)
+            bound = f"{host}:{_free_port(host.strip('[]'))}"
+        listen.append(bound)
     config = dataclasses.replace(config, listen=tuple(listen))
     try:
         load(config.policy)
@@ -285,8 +286,8 @@ def serve_workers(config: Config) -> int:
             break
         except InterruptedError:  # pragma: no cover - PEP 475 retries wait()
             continue
-        index = children.pop(pid, None)
-        if index is not None and not stopping:
+        index = children.pop(pid, -1)
+        if index >= 0 and not stopping:
             _log.error("worker %d (pid %d) exited with status %d; restarting", index, pid, status)
             time.sleep(0.5)
             spawn(index)

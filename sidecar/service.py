@@ -108,7 +108,7 @@ class SpendKeeperService:
             self.observer.authorized(req, result, time.perf_counter() - started)
             resp = pb.AuthorizeResponse(
                 decision=pb.ALLOW if result.allowed else pb.DENY,
-                reason=pb.Reason.Value(result.reason), message=result.message,
+                reason=result.reason, message=result.message,
                 reserved=money(result.reserved), worst_case_cost=money(result.worst_case),
                 levels=[level_pb(v) for v in result.levels],
                 max_output_tokens=result.max_output_tokens or 0,
@@ -116,7 +116,7 @@ class SpendKeeperService:
                 period=result.period)
             if result.shadow:
                 resp.shadow_decision = pb.DENY if result.verdict != "WITHIN_LIMITS" else pb.ALLOW
-                resp.shadow_reason = pb.Reason.Value(result.verdict)
+                resp.shadow_reason = pb.Reason.Value(result.verdict)  # type: ignore[assignment]
             if result.resets_at is not None:
                 resp.resets_at.CopyFrom(timestamp(result.resets_at))
             if result.expires_at is not None:
@@ -218,7 +218,7 @@ def _line(line: UsageLine) -> pb.UsageLine:
     return msg
 
 
-def generic_handler(service: SpendKeeperService) -> grpc.GenericRpcHandler:
+def generic_handler(service: SpendKeeperService) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
     """The service's handlers, with deserializers that turn bad bytes into INVALID_ARGUMENT."""
     def unary(fn: Callable[..., Any], req: type[Message], resp: type[Message]) -> Any:
         return grpc.unary_unary_rpc_method_handler(

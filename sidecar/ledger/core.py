@@ -426,7 +426,7 @@ class Ledger:
                 now: dt.datetime) -> RecordResult:
         org = policy.orgs.get(req.org)
         if org is None:
-            period = period_key(req.at, dt.UTC)
+            period = req.at.astimezone(dt.UTC).strftime("%Y-%m")
             self._unpriced(txn, period, req, "unknown org")
             return RecordResult(0, False, (), period, False, policy.version)
         at, late = self._attribution(org, req.at, now)
@@ -503,7 +503,8 @@ class Ledger:
                  "speed": req.speed, "geo": req.geo, "at": req.at.isoformat(),
                  "nanos": cost.nanos, "atto": str(cost.atto), "priced": cost.priced,
                  "late": late}
-        txn.put(encode_key((period, org.name)) + b"\x1f" + seq, dumps(entry), db=self.dbs["journal"])
+        txn.put(encode_key((period, org.name)) + b"\x1f" + seq, dumps(entry),
+                db=self.dbs["journal"])
 
     def _unpriced(self, txn: lmdb.Transaction, period: str, req: Request, why: str) -> None:
         seq = self._next_seq(txn, b"unpriced_seq")

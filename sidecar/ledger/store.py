@@ -107,9 +107,9 @@ def dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def loads(raw: bytes) -> Any:
+def loads(raw: bytes | memoryview) -> Any:
     """The inverse of :func:`dumps`."""
-    return json.loads(raw)
+    return json.loads(bytes(raw))
 
 
 class GroupSync:
@@ -169,7 +169,7 @@ class GroupSync:
             started = time.perf_counter()
             try:
                 self._sync()
-            except BaseException as exc:  # noqa: BLE001 - any failure must stop acknowledgements
+            except BaseException as exc:
                 with self._cond:
                     self._error = exc
                     self._cond.notify_all()

@@ -86,10 +86,10 @@ def usage_report(ledger: Ledger, policy: Policy, org: OrgPolicy, period: str | N
                 if user in users:
                     continue
                 spent, reserved, count = COUNTER.unpack_from(value)
-                member = org.member(user)
-                users[user] = UsageLine("user", user, member.user_type if member else "",
+                found = org.member(user)
+                users[user] = UsageLine("user", user, found.user_type if found else "",
                                         spent, reserved,
-                                        member.month_limit if member else None, count)
+                                        found.month_limit if found else None, count)
     ordered = sorted(users.values(), key=lambda u: (-u.spent - u.reserved, u.scope))
     return UsageReport(org.name, period, resets, org_line, tuple(types), tuple(ordered),
                        policy.version)
