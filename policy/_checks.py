@@ -41,6 +41,10 @@ _DERIVED = {"cache_write_5m": Decimal("1.25"), "cache_write_1h": Decimal(2),
 _MAX_LIMIT_USD = Decimal(10) ** 9  # a billion dollars a month is a typo
 
 
+def _whole(value: Decimal) -> bool:
+    return value == value.to_integral_value()
+
+
 def _singular(unit: str) -> str:
     return unit[:-1] if unit.endswith("s") else unit
 
@@ -52,6 +56,7 @@ class Checker:
         self.trees = list(trees)
         self.line_of = line_of
         self.diagnostics: list[Diagnostic] = []
+        self._inexact = False  # the model being checked has a price already reported inexact
 
     def error(self, code: str, message: str, loc: Loc, *notes: str) -> None:
         self.diagnostics.append(Diagnostic(code, message, loc, self.line_of(loc), tuple(notes)))
@@ -94,14 +99,6 @@ class Checker:
         return Policy(orgs, tables, plans, version, files, tuple(test_nodes))
 
     # ------------------------------------------------------------------ money
-    def _price_atto(self, usd: Decimal, text: str, loc: Loc) -> int:
-        scaled = usd * _ATTO_PER_MTOK_USD
-        if scaled != scaled.to_integral_value():
-            self.error("inexact-price", f"{text} / MTok is not a whole number of atto-USD per "
-                       "token (at most 12 decimal places)", loc)
-            return 0
-        return int(scaled)
-
     def _whole_nanos(self, usd: Decimal, text: str, loc: Loc) -> int:
         scaled = usd * 10**9
         if scaled != scaled.to_integral_value():
@@ -123,54 +120,81 @@ class Checker:
         return self._whole_nanos(amount.usd, amount.text, amount.loc) or 1
 
     # ------------------------------------------------------------------ rate tables
-    def _prices(self, prices: Iterable[s.Price]) -> dict[str, s.Price]:
+    def _prices(self, prices: Iterable[s.Price], report: bool = True) -> dict[str, s.Price]:
+        """Valid prices by meter; each problem reported at its own price."""
         found: dict[str, s.Price] = {}
         for price in prices:
             if price.meter in found:
-                self.error("duplicate", f"duplicate price for {price.meter} (first at "
-                           f"{found[price.meter].loc})", price.loc)
+                if report:
+                    self.error("duplicate", f"duplicate price for {price.meter} (first at "
+                               f"{found[price.meter].loc})", price.loc)
             elif price.usd < 0:
-                self.error("negative-price", f"price {price.text} is negative", price.loc)
+                if report:
+                    self.error("negative-price", f"price {price.text} is negative", price.loc)
             else:
+                if not _whole(price.usd * _ATTO_PER_MTOK_USD):
+                    self._inexact = True
+                    if report:
+                        self.error("inexact-price", f"{price.meter} price {price.text} / MTok is "
+                                   "not a whole number of atto-USD per token (at most 12 decimal "
+                                   "places)", price.loc)
                 found[price.meter] = price
         return found
 
-    def _sheet(self, usd: dict[str, Decimal], loc: Loc) -> PriceSheet:
-        atto = tuple(self._price_atto(usd[m], f"${usd[m]}", loc) for m in METERS)
-        return PriceSheet(tuple(usd[m] for m in METERS), atto)
+    def _sheet(self, usd: dict[str, Decimal], loc: Loc, what: str, report: bool) -> PriceSheet:
+        atto = []
+        for meter in METERS:
+            scaled = usd[meter] * _ATTO_PER_MTOK_USD
+            if not _whole(scaled):
+                if report and not self._inexact:
+                    self.error("inexact-price", f"{meter} price of {what}, derived from its input "
+                               f"price, is ${format(usd[meter], 'f')} / MTok: not a whole number "
+                               f"of atto-USD per token; give {meter} explicitly", loc)
+                scaled = scaled.to_integral_value()
+            atto.append(int(scaled))
+        return PriceSheet(tuple(usd[m] for m in METERS), tuple(atto))
 
-    def _complete(self, given: dict[str, s.Price], base: dict[str, Decimal] | None,
-                  loc: Loc, what: str) -> dict[str, Decimal]:
-        usd = {m: p.usd for m, p in given.items()}
+    def _complete(self, given: dict[str, Decimal], base: dict[str, Decimal] | None,
+                  explicit: set[str], loc: Loc, what: str, report: bool) -> dict[str, Decimal]:
+        """Fill meters not given: from ``base``, or cache meters derived from input."""
+        usd = dict(given)
         for meter in ("input", "output"):
             if meter not in usd:
                 if base is None:
-                    self.error("missing-price", f"{what} has no {meter} price", loc)
+                    if report:
+                        self.error("missing-price", f"{what} has no {meter} price", loc)
                     usd[meter] = Decimal(0)
                 else:
                     usd[meter] = base[meter]
         for meter, factor in _DERIVED.items():
             if meter not in usd:
-                usd[meter] = base[meter] if base is not None and "input" not in given \
-                    else usd["input"] * factor
+                # Cache prices follow the input price unless written out somewhere.
+                usd[meter] = (base[meter] if base is not None and meter in explicit
+                              else usd["input"] * factor)
         return usd
 
-    def _tiers(self, nodes: Iterable[s.TierNode], base: dict[str, Decimal],
-               model: str) -> tuple[tuple[int, PriceSheet], ...]:
+    def _tiers(self, nodes: Iterable[s.TierNode], base: dict[str, Decimal], explicit: set[str],
+               model: str, report: bool) -> tuple[tuple[int, PriceSheet], ...]:
         tiers: dict[int, tuple[int, PriceSheet]] = {}
         for node in nodes:
             threshold = node.threshold
-            if threshold <= 0 or threshold != threshold.to_integral_value():
-                self.error("bad-threshold", f"tier threshold {node.threshold_text} must be a "
-                           "positive whole number of tokens", node.loc)
+            if threshold <= 0 or not _whole(threshold):
+                if report:
+                    self.error("bad-threshold", f"tier threshold {node.threshold_text} must be a "
+                               "positive whole number of tokens", node.loc)
                 continue
             key = int(threshold)
             if key in tiers:
-                self.error("duplicate", f"duplicate tier over {node.threshold_text} tokens",
-                           node.loc)
+                if report:
+                    self.error("duplicate", f"duplicate tier over {node.threshold_text} tokens",
+                               node.loc)
                 continue
-            usd = self._complete(self._prices(node.prices), base, node.loc, f'tier of "{model}"')
-            tiers[key] = (key, self._sheet(usd, node.loc))
+            given = {m: p.usd for m, p in self._prices(node.prices, report).items()}
+            tier_explicit = explicit | set(given)
+            usd = self._complete(given, base, tier_explicit if "input" not in given else set(given),
+                                 node.loc, f'the tier of "{model}"', report)
+            what = f'"{model}" over {node.threshold_text} tokens'
+            tiers[key] = (key, self._sheet(usd, node.loc, what, report))
         return tuple(tiers[k] for k in sorted(tiers))
 
     def model(self, node: s.ModelNode) -> ModelRates:
@@ -182,24 +206,35 @@ class Checker:
         for kind, group in (("released date", released), ("retirement date", retires)):
             for extra in group[1:]:
                 self.error("duplicate", f'duplicate {kind} for model "{node.name}"', extra.loc)
-        base_usd = self._complete(self._prices(prices), None, node.loc, f'model "{node.name}"')
-        periods = [PricePeriod(None, self._sheet(base_usd, node.loc),
-                               self._tiers(tier_nodes, base_usd, node.name))]
+        self._inexact = False
+        given = {m: p.usd for m, p in self._prices(prices).items()}
+        explicit = set(given)
+        what = f'model "{node.name}"'
+        base_usd = self._complete(given, None, explicit, node.loc, what, True)
+        periods = [PricePeriod(None, self._sheet(base_usd, node.loc, what, True),
+                               self._tiers(tier_nodes, base_usd, explicit, node.name, True))]
         current_usd, current_tiers = base_usd, tier_nodes
+        tiers_reported = True
         seen_dates: dict[dt.date, Loc] = {}
         for block in sorted(dated, key=lambda d: d.date):
             if block.date in seen_dates:
                 self.error("duplicate", f"duplicate price change on {block.date}", block.loc)
                 continue
             seen_dates[block.date] = block.loc
-            changed = self._prices(p for p in block.body if isinstance(p, s.Price))
-            current_usd = {**current_usd, **{m: p.usd for m, p in changed.items()}}
+            changed = {m: p.usd for m, p in
+                       self._prices(p for p in block.body if isinstance(p, s.Price)).items()}
+            explicit |= set(changed)
+            current_usd = self._complete({**{m: current_usd[m] for m in explicit
+                                             if m in current_usd}, **changed},
+                                         current_usd, explicit, block.loc, what, False)
             block_tiers = [t for t in block.body if isinstance(t, s.TierNode)]
             if block_tiers:
-                current_tiers = block_tiers
+                current_tiers, tiers_reported = block_tiers, False
             start = dt.datetime(block.date.year, block.date.month, block.date.day, tzinfo=dt.UTC)
-            periods.append(PricePeriod(start, self._sheet(current_usd, block.loc),
-                                       self._tiers(current_tiers, current_usd, node.name)))
+            periods.append(PricePeriod(
+                start, self._sheet(current_usd, block.loc, what, True),
+                self._tiers(current_tiers, current_usd, explicit, node.name, not tiers_reported)))
+            tiers_reported = True
         retire_at = None
         if retires:
             day = retires[0].date
@@ -297,7 +332,9 @@ class Checker:
                             for meter, atto in zip(METERS, sheet.atto_per_token, strict=True):
                                 scaled = atto * factor
                                 if scaled != scaled.to_integral_value():
-                                    kinds = " + ".join(m.text for m in combo)
+                                    kinds = " + ".join(
+                                        f"{m.kind} {m.text}" if m.kind != "batch" else
+                                        f"batch {m.text}" for m in combo)
                                     self.error("inexact-price", f'{meter} of "{name}" under '
                                                f"{kinds} is not a whole number of atto-USD per "
                                                "token", loc)
@@ -424,7 +461,11 @@ class Checker:
 
         tz = zone(tz_name)
         if tz is None:
+            import zoneinfo
+
+            hint = closest(tz_name, zoneinfo.available_timezones())
             self.error("unknown-timezone", f'unknown time zone "{tz_name}"', tz_stmts[0].loc,
+                       f"did you mean {hint}?" if hint else
                        'use an IANA name such as "Europe/Berlin" or "UTC"')
         org_limit = None
         if limit_stmts:
@@ -469,8 +510,8 @@ class Checker:
                            "366", gstmt.loc)
             else:
                 grace = int(gstmt.days)
-        shadow = any(isinstance(b, s.Shadow) for b in node.body)
-        user_metrics = any(isinstance(b, s.UserMetrics) for b in node.body)
+        shadow = bool(self._one(node, s.Shadow, "shadow"))
+        user_metrics = bool(self._one(node, s.UserMetrics, "per_user_metrics"))
         if plan is None or table is None or tz is None:
             return None
         return OrgPolicy(node.name, plan, table, tz_name, tz, org_limit, type_limits, d_limit,

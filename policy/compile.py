@@ -119,7 +119,11 @@ class _Loader:
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as exc:
-            self.error("encoding", f"{display} is not valid UTF-8 (byte {exc.start})", Loc(display))
+            raw = path.read_bytes()[: exc.start]
+            line = raw.count(b"\n") + 1
+            column = exc.start - (raw.rfind(b"\n") + 1) + 1
+            self.error("encoding", f"{display} is not valid UTF-8 (byte {exc.start}: "
+                       f"0x{exc.object[exc.start]:02x})", Loc(display, line, column))
             return
         except OSError as exc:
             self.error("read", f"cannot read {display}: {exc.strerror}", where)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 __all__ = ["Diagnostic", "Loc", "PolicyError", "closest"]
 
+_MAX_SHOWN = 120  # characters of a source line shown under a diagnostic
+
 
 @dataclass(frozen=True, slots=True)
 class Loc:
@@ -45,8 +47,16 @@ class Diagnostic:
         out = [f"{self.loc}: {self.code}: {self.message}"]
         if self.source_line is not None and self.loc.line > 0:
             line = self.source_line.rstrip("\n").expandtabs(1)
+            caret = max(self.loc.column - 1, 0)
+            if len(line) > _MAX_SHOWN:
+                # Show a window around the column, not a 100 kB line.
+                start = max(caret - _MAX_SHOWN // 2, 0)
+                shown = line[start:start + _MAX_SHOWN]
+                line = ("..." if start else "") + shown + ("..." if start + _MAX_SHOWN < len(line)
+                                                           else "")
+                caret = caret - start + (3 if start else 0)
             out.append(f"  {line}")
-            out.append("  " + " " * max(self.loc.column - 1, 0) + "^")
+            out.append("  " + " " * caret + "^")
         out.extend(f"  {note}" for note in self.notes)
         return "\n".join(out)
 
@@ -55,7 +65,9 @@ class PolicyError(Exception):
     """Raised when a policy cannot be loaded; carries every diagnostic found."""
 
     def __init__(self, diagnostics: Sequence[Diagnostic]) -> None:
-        self.diagnostics = tuple(diagnostics)
+        # In file order, so a long list reads top to bottom (stable for ties).
+        self.diagnostics = tuple(sorted(diagnostics, key=lambda d: (d.loc.file, d.loc.line,
+                                                                    d.loc.column)))
         super().__init__(self.render())
 
     def render(self) -> str:

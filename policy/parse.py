@@ -66,13 +66,17 @@ def parse_text(text: str, path: str = "<string>") -> s.FileNode:
         tree = parser().parse(text)
     except UnexpectedInput as exc:
         raise PolicyError([_syntax_diagnostic(exc, path, lines)]) from None
+    builder = _Build(path)
     try:
-        node = _Build(path).transform(tree)
+        node = builder.transform(tree)
     except VisitError as exc:
         orig = exc.orig_exc
         if isinstance(orig, PolicyError):
-            raise orig from None
-        raise
+            builder.errors.extend(orig.diagnostics)
+        else:
+            raise
+    if builder.errors:
+        raise PolicyError([_with_source(d, lines) for d in builder.errors])
     assert isinstance(node, s.FileNode)
     return s.FileNode(path=path, body=node.body, comments=tuple(_comments(lines, path)))
 
@@ -155,6 +159,12 @@ def _syntax_diagnostic(exc: UnexpectedInput, path: str, lines: list[str]) -> Dia
     return Diagnostic("syntax", message, Loc(path, line, column), source, notes)
 
 
+def _with_source(diag: Diagnostic, lines: list[str]) -> Diagnostic:
+    if diag.source_line is None and 0 < diag.loc.line <= len(lines):
+        return Diagnostic(diag.code, diag.message, diag.loc, lines[diag.loc.line - 1], diag.notes)
+    return diag
+
+
 def _loc_error(path: str, meta: Meta | Token, code: str, message: str) -> PolicyError:
     line = getattr(meta, "line", 0)
     column = getattr(meta, "column", 0)
@@ -167,6 +177,7 @@ class _Build(Transformer_NonRecursive):  # type: ignore[type-arg]
     def __init__(self, path: str) -> None:
         super().__init__()
         self.path = path
+        self.errors: list[Diagnostic] = []
 
     # -- helpers
     def _loc(self, meta: Meta | Token) -> Loc:
@@ -195,7 +206,8 @@ class _Build(Transformer_NonRecursive):  # type: ignore[type-arg]
         try:
             return dt.date.fromisoformat(str(tok))
         except ValueError:
-            raise _loc_error(self.path, tok, "date", f"not a valid date: {tok}") from None
+            self.errors.append(Diagnostic("date", f"not a valid date: {tok}", self._loc(tok)))
+            return dt.date(1970, 1, 1)
 
     @staticmethod
     def _str(tok: Token) -> str:
