@@ -20,7 +20,7 @@ from policy import syntax as s
 from policy._checks import Checker
 from policy.errors import Diagnostic, Loc, PolicyError
 from policy.model import Policy
-from policy.parse import MAX_FILE_BYTES, parse_text
+from policy.parse import MAX_FILE_BYTES, parse_text, source_lines
 
 __all__ = ["MAX_INCLUDE_DEPTH", "load", "load_text", "policy_files"]
 
@@ -84,7 +84,7 @@ class _Loader:
         text = self.sources.get(loc.file)
         if text is None or loc.line <= 0:
             return None
-        lines = text.splitlines()
+        lines = source_lines(text)
         return lines[loc.line - 1] if loc.line <= len(lines) else None
 
     def _display(self, path: Path) -> str:

@@ -11,7 +11,8 @@ for a given tree (plus its comments):
 - one blank line between top-level blocks; elsewhere a run of blank lines
   in the source is kept as one (never right after ``{`` or before ``}``);
 - every comment is kept. A comment after code stays at the end of that
-  code's line (after a one-line block, at the end of its header); a comment
+  code's line (after a one-line block, at the end of its header; comments of
+  consecutive statements are aligned in one column); a comment
   on its own line stays on its own line before the next statement, at that
   statement's indent, and one before a ``}`` stays inside the block.
 
@@ -204,8 +205,7 @@ class _Line:
 
 
 def _emit(stmt: object, depth: int, out: list[_Line]) -> None:
-    # An explicit stack instead of recursion: nesting depth is bounded by the
-    # grammar, but this keeps the formatter's cost flat for any input.
+    """Append the lines of ``stmt`` and its children (iteratively, like the parser)."""
     stack: list[tuple[object, int] | _Line] = [(stmt, depth)]
     while stack:
         item = stack.pop()

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+from policy.syntax import TestNode
+
 __all__ = [
     "ATTO_PER_NANO", "ATTO_PER_USD", "METERS", "NANOS_PER_USD", "AddonDef", "MemberDef",
     "ModelRates", "Multiplier", "OrgPolicy", "Plan", "Policy", "PricePeriod", "PriceSheet",
-    "RateTable", "ToolRate", "UserTypeDef", "usd_to_nanos",
+    "RateTable", "ToolRate", "UserTypeDef", "atto_to_usd", "nanos_to_usd", "usd_to_nanos",
 ]
 
 #: The five token meters, in the order price tuples use.
@@ -25,6 +27,17 @@ NANOS_PER_USD = 10**9
 ATTO_PER_USD = 10**18
 ATTO_PER_NANO = 10**9
 TOKENS_PER_MTOK = 10**6
+
+
+def atto_to_usd(atto: int) -> Decimal:
+    """Integer atto-USD as exact USD, without trailing zeros (a decimal shift, any size)."""
+    text = format(Decimal(atto).scaleb(-18).normalize(), "f")
+    return Decimal(text)
+
+
+def nanos_to_usd(nanos: int) -> Decimal:
+    """Integer nano-USD as exact USD, without trailing zeros."""
+    return Decimal(format(Decimal(nanos).scaleb(-9).normalize(), "f"))
 
 
 def usd_to_nanos(usd: Decimal) -> int:
@@ -208,4 +221,4 @@ class Policy:
     plans: dict[str, Plan]
     version: str  # content hash of every source file
     files: tuple[str, ...]
-    tests: tuple[object, ...] = field(default=())  # policy.testing.PolicyTest
+    tests: tuple[TestNode, ...] = field(default=())  # run by policy.testing

@@ -28,7 +28,7 @@ from lark.tree import Meta
 from policy import syntax as s
 from policy.errors import Diagnostic, Loc, PolicyError
 
-__all__ = ["MAX_FILE_BYTES", "grammar_text", "parse_text", "parser"]
+__all__ = ["MAX_FILE_BYTES", "grammar_text", "parse_text", "parser", "source_lines"]
 
 #: A policy file larger than this is refused before parsing (10,000 members
 #: with limits is about 0.6 MB).
@@ -61,7 +61,7 @@ def parse_text(text: str, path: str = "<string>") -> s.FileNode:
             "file-too-large",
             f"policy file is {len(text):,} characters; the limit is {MAX_FILE_BYTES:,}",
             Loc(path))])
-    lines = text.splitlines()
+    lines = source_lines(text)
     try:
         tree = parser().parse(text)
     except UnexpectedInput as exc:
@@ -79,6 +79,14 @@ def parse_text(text: str, path: str = "<string>") -> s.FileNode:
         raise PolicyError([_with_source(d, lines) for d in builder.errors])
     assert isinstance(node, s.FileNode)
     return s.FileNode(path=path, body=node.body, comments=tuple(_comments(lines, path)))
+
+
+def source_lines(text: str) -> list[str]:
+    """Lines as the lexer counts them: split on newlines only (not on \\f or U+2028)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def _comments(lines: list[str], path: str) -> Iterator[s.Comment]:

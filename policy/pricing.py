@@ -13,7 +13,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
-from policy.model import ATTO_PER_NANO, ATTO_PER_USD, METERS, ModelRates, PriceSheet, RateTable
+from policy.model import (
+    ATTO_PER_NANO,
+    ATTO_PER_USD,
+    METERS,
+    ModelRates,
+    PriceSheet,
+    RateTable,
+    atto_to_usd,
+)
 
 __all__ = [
     "SERVICE_TIERS", "SPEEDS", "TOOL_FIELDS", "Cost", "Line", "Usage", "modifiers_for",
@@ -67,7 +75,7 @@ class Line:
     @property
     def usd(self) -> Decimal:
         """The exact cost of this line in USD."""
-        return Decimal(self.atto) / ATTO_PER_USD
+        return atto_to_usd(self.atto)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +93,8 @@ class Cost:
 
     @property
     def usd(self) -> Decimal:
-        """The exact cost in USD."""
-        return Decimal(self.atto) / ATTO_PER_USD
+        """The exact cost in USD (a decimal shift: exact at any size)."""
+        return atto_to_usd(self.atto)
 
     @property
     def label(self) -> str:
