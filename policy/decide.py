@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from policy.model import ATTO_PER_NANO, MemberDef, OrgPolicy, Policy
-from policy.periods import day_key, month_bounds, period_key
+from policy.periods import calendar
 from policy.pricing import Cost, Usage, price, resolve_model
 
 __all__ = [
@@ -96,13 +96,27 @@ class Decision:
     verdict: str = "WITHIN_LIMITS"  # the reason the policy itself gave (differs in shadow)
 
 
+_scopes: dict[tuple[int, str, str], tuple[OrgPolicy, MemberDef, tuple[Scope, ...]]] = {}
+
+
 def scopes_for(org: OrgPolicy, member: MemberDef, at: dt.datetime) -> tuple[Scope, ...]:
     """The levels a member's request at ``at`` counts against, narrowest first."""
-    period = period_key(at, org.tz)
+    cal = calendar(at, org.tz)
+    key = (id(org), member.user, cal.day)
+    hit = _scopes.get(key)
+    if hit is not None and hit[0] is org and hit[1] == member:
+        return hit[2]
+    scopes = _build_scopes(org, member, cal.period, cal.day)
+    if len(_scopes) > 200_000:
+        _scopes.clear()
+    _scopes[key] = (org, member, scopes)
+    return scopes
+
+
+def _build_scopes(org: OrgPolicy, member: MemberDef, period: str, day: str) -> tuple[Scope, ...]:
     user_name = f"{org.name}/{member.user}"
     scopes = []
     if member.day_limit is not None:
-        day = day_key(at, org.tz)
         scopes.append(Scope("user_day", f"{user_name} {day}", (day, "day", org.name, member.user),
                             member.day_limit))
     scopes.append(Scope("user", user_name, (period, "user", org.name, member.user),
@@ -138,8 +152,8 @@ def _decide(policy: Policy, req: Request, counters: Counters) -> Decision:
     org = policy.orgs.get(req.org)
     if org is None:
         return _deny("UNKNOWN_ORG", f'unknown org "{req.org}"')
-    period = period_key(req.at, org.tz)
-    resets = month_bounds(period, org.tz)[1]
+    cal = calendar(req.at, org.tz)
+    period, resets = cal.period, cal.resets_at
     member = org.member(req.user)
     if member is None:
         return _deny("UNKNOWN_USER", f'user "{req.user}" is not a member of org "{org.name}" '
@@ -161,7 +175,7 @@ def _decide(policy: Policy, req: Request, counters: Counters) -> Decision:
             return _deny("MODEL_NOT_ALLOWED", f'fast mode is not available for model '
                          f'"{model.name}"', period, resets, member)
     cost = price(org.rates, req.model, req.usage, req.at, service_tier=req.service_tier,
-                 speed=req.speed, geo=req.geo)
+                 speed=req.speed, geo=req.geo, detail=False)
     levels = tuple(Level(sc, *counters(sc.key)) for sc in scopes_for(org, member, req.at))
     failing = [lv for lv in levels if lv.scope.limit is not None
                and lv.spent + lv.reserved + cost.nanos > lv.scope.limit]

@@ -7,9 +7,10 @@ of the month simply finds empty counters.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
-__all__ = ["day_key", "month_bounds", "parse_period", "period_key"]
+__all__ = ["Calendar", "calendar", "day_key", "month_bounds", "parse_period", "period_key"]
 
 
 def period_key(when: dt.datetime, tz: ZoneInfo) -> str:
@@ -42,3 +43,38 @@ def month_bounds(period: str, tz: ZoneInfo) -> tuple[dt.datetime, dt.datetime]:
     start = dt.datetime(year, month, 1, tzinfo=tz)
     end = dt.datetime(year + month // 12, month % 12 + 1, 1, tzinfo=tz)
     return start.astimezone(dt.UTC), end.astimezone(dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Calendar:
+    """The month and day an instant falls in, for one time zone, and when they end."""
+
+    period: str  # "2026-11"
+    day: str  # "2026-11-28"
+    resets_at: dt.datetime  # end of the month (UTC)
+    day_start: dt.datetime  # this local day, in UTC: [day_start, day_end)
+    day_end: dt.datetime
+
+
+_calendars: dict[str, Calendar] = {}
+
+
+def calendar(when: dt.datetime, tz: ZoneInfo) -> Calendar:
+    """The :class:`Calendar` of ``when`` in ``tz``, reused while the local day lasts.
+
+    Time-zone arithmetic costs microseconds; the hot path asks many times a
+    day for the same answer, so the last day per zone is kept.
+    """
+    key = str(tz.key)
+    hit = _calendars.get(key)
+    if hit is not None and hit.day_start <= when < hit.day_end:
+        return hit
+    local = when.astimezone(tz)
+    start_local = dt.datetime(local.year, local.month, local.day, tzinfo=tz)
+    next_day = start_local.date() + dt.timedelta(days=1)
+    end_local = dt.datetime(next_day.year, next_day.month, next_day.day, tzinfo=tz)
+    period = f"{local.year:04d}-{local.month:02d}"
+    found = Calendar(period, f"{period}-{local.day:02d}", month_bounds(period, tz)[1],
+                     start_local.astimezone(dt.UTC), end_local.astimezone(dt.UTC))
+    _calendars[key] = found
+    return found

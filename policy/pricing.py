@@ -156,33 +156,60 @@ def _scale(sheet: PriceSheet, factor: Decimal) -> tuple[tuple[int, ...], tuple[D
     return atto, usd
 
 
+_mods: dict[tuple[int, str, str, str, str],
+            tuple[RateTable, Decimal, tuple[str, ...]]] = {}
+
+
+def _modifiers_cached(table: RateTable, model: ModelRates, service_tier: str, speed: str,
+                      geo: str) -> tuple[Decimal, tuple[str, ...]]:
+    """:func:`modifiers_for`, memoised per table object (the hot path prices often)."""
+    key = (id(table), model.name, service_tier, speed, geo)
+    hit = _mods.get(key)
+    if hit is not None and hit[0] is table:
+        return hit[1], hit[2]
+    factor, applied = modifiers_for(table, model, service_tier, speed, geo)
+    if len(_mods) > 65536:
+        _mods.clear()
+    _mods[key] = (table, factor, applied)
+    return factor, applied
+
+
 def price(table: RateTable, model_name: str, usage: Usage, at: dt.datetime, *,
           service_tier: str = "standard", speed: str = "standard", geo: str = "",
-          free_remaining: Mapping[str, int] | None = None) -> Cost:
+          free_remaining: Mapping[str, int] | None = None, detail: bool = True) -> Cost:
     """The exact cost of ``usage`` on ``model_name`` at time ``at``.
 
     A model the table does not know (and no fallback) gives an unpriced cost of
     zero: usage that happened is still recorded by the ledger. ``free_remaining``
-    is each tool's unused free allowance for the org this month.
+    is each tool's unused free allowance for the org this month. With
+    ``detail=False`` the token lines are left out (the totals are the same):
+    that is what the Authorize hot path needs.
     """
     model, fallback = resolve_model(table, model_name)
     if model is None:
         return Cost(model_name, False, (), 0, 0, 0, ())
-    factor, applied = modifiers_for(table, model, service_tier, speed, geo)
+    factor, applied = _modifiers_cached(table, model, service_tier, speed, geo)
     tier, sheet = model.period_at(at).sheet_for(usage.prompt_tokens)
     atto_prices, usd_prices = _scale(sheet, factor)
     lines: list[Line] = []
-    total = 0
-    for meter, quantity, atto, usd in zip(METERS, usage.tokens(), atto_prices, usd_prices,
-                                          strict=True):
-        if quantity:
-            cost = quantity * atto
-            total += cost
-            lines.append(Line(meter, quantity, usd, _TOKENS_PER_MTOK, cost))
+    tokens = usage.tokens()
+    if not detail:
+        total = (tokens[0] * atto_prices[0] + tokens[1] * atto_prices[1]
+                 + tokens[2] * atto_prices[2] + tokens[3] * atto_prices[3]
+                 + tokens[4] * atto_prices[4])
+    else:
+        total = 0
+        for meter, quantity, atto, usd in zip(METERS, tokens, atto_prices, usd_prices,
+                                              strict=True):
+            if quantity:
+                cost = quantity * atto
+                total += cost
+                lines.append(Line(meter, quantity, usd, _TOKENS_PER_MTOK, cost))
     if usage.web_search_requests or usage.web_fetch_requests or usage.code_execution_seconds:
         for tool_line in _tool_lines(table, usage, free_remaining or {}):
             total += tool_line.atto
-            lines.append(tool_line)
+            if detail:
+                lines.append(tool_line)
     nanos = -(-total // ATTO_PER_NANO)
     return Cost(model.name, True, tuple(lines), total, nanos, tier, applied, fallback)
 
