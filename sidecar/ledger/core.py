@@ -418,8 +418,9 @@ class Ledger:
             return result
 
         result: RecordResult = self._run(work)
-        if not result.duplicate:
-            self._durable()
+        # Duplicates too: the first commit may not be fsync'd yet (its writer is still
+        # waiting, or its fsync failed in another process), and this answer acknowledges it.
+        self._durable()
         return result
 
     def _settle(self, txn: lmdb.Transaction, policy: Policy, req: Request,
