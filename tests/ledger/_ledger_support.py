@@ -20,7 +20,7 @@ from policy.decide import Request
 from policy.model import Policy
 from policy.pricing import Usage
 from sidecar.ledger import Clock, Ledger, LedgerUnavailable
-from sidecar.ledger.store import COUNTER, DATABASES, decode_key, loads, open_env
+from sidecar.ledger.store import COUNTER, DATABASES, decode_key, loads, open_env, unpack_entry
 
 HERE = Path(__file__).resolve().parent
 POLICY_FILE = HERE / "policy.spend"
@@ -104,7 +104,7 @@ def journal(ledger: Ledger) -> list[tuple[str, dict[str, Any]]]:
 
 def requests(ledger: Ledger) -> dict[str, dict[str, Any]]:
     """The requests database decoded: request id -> stored entry."""
-    return {k.decode(): loads(v) for k, v in snapshot(ledger, "requests")["requests"].items()}
+    return {k.decode(): unpack_entry(v) for k, v in snapshot(ledger, "requests")["requests"].items()}
 
 
 def check_books(ledger: Ledger) -> Counter[str]:

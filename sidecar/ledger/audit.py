@@ -1,0 +1,160 @@
+"""Ledger conservation checks: every nano-USD settled is counted once at every level.
+
+Each settled Record adds its cost to the user's, the user type's and the org's
+counter for its period, and writes one journal entry carrying the same nanos.
+So, per org and period, these must all be equal::
+
+    Σ user spent == Σ user-type spent == org spent == Σ journal nanos
+
+and likewise Σ user reserved == Σ user-type reserved == org reserved.
+(Users with a daily limit also have a ``day`` counter; it is a second window
+on the same spend, not part of the sums.) A difference means a bug or a
+damaged file. :func:`conservation` checks it from scratch; :class:`Auditor`
+keeps running journal sums so the metrics collector can check every scrape
+without re-reading a month of journal entries each time (journal entries are
+append-only, so only new ones need reading).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import lmdb
+
+from policy.model import Policy
+from policy.periods import period_key
+from sidecar.ledger.core import Ledger
+from sidecar.ledger.store import COUNTER, decode_key, encode_key, loads
+
+__all__ = ["Auditor", "Balance", "balance", "conservation"]
+
+_SEP = b"\x1f"
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """One org's period as each level (and the journal) counts it, in nano-USD."""
+
+    org: str
+    period: str
+    org_spent: int
+    types_spent: int
+    users_spent: int
+    journal_spent: int
+    org_reserved: int
+    types_reserved: int
+    users_reserved: int
+
+    @property
+    def drift(self) -> int:
+        """The largest difference from the org's own counter (0 when the books balance)."""
+        return max(abs(self.types_spent - self.org_spent), abs(self.users_spent - self.org_spent),
+                   abs(self.journal_spent - self.org_spent),
+                   abs(self.types_reserved - self.org_reserved),
+                   abs(self.users_reserved - self.org_reserved))
+
+
+def _sum_counters(txn: lmdb.Transaction, ledger: Ledger,
+                  prefix: tuple[str, ...]) -> tuple[int, int]:
+    """Σ spent and Σ reserved of every counter under ``prefix``."""
+    start = encode_key(prefix) + _SEP
+    spent = reserved = 0
+    cursor = txn.cursor(db=ledger.dbs["counters"])
+    if cursor.set_range(start):
+        for key, value in cursor:
+            if not bytes(key).startswith(start):
+                break
+            s, r, _ = COUNTER.unpack_from(value)
+            spent += s
+            reserved += r
+    return spent, reserved
+
+
+def _journal_prefix(period: str, org: str) -> bytes:
+    return encode_key((period, org)) + _SEP
+
+
+def _sum_journal(txn: lmdb.Transaction, ledger: Ledger, period: str, org: str,
+                 after: bytes = b"") -> tuple[int, bytes]:
+    """Σ nanos of the journal entries of (period, org) after key ``after``; and the last key."""
+    start = _journal_prefix(period, org)
+    total = 0
+    last = after
+    cursor = txn.cursor(db=ledger.dbs["journal"])
+    found = cursor.set_range(after) if after else cursor.set_range(start)
+    if found and after and bytes(cursor.key()) == after:
+        found = cursor.next()
+    while found:
+        key = bytes(cursor.key())
+        if not key.startswith(start):
+            break
+        total += int(loads(cursor.value())["nanos"])
+        last = key
+        found = cursor.next()
+    return total, last
+
+
+def _balance(txn: lmdb.Transaction, ledger: Ledger, org: str, period: str,
+             journal_spent: int) -> Balance:
+    org_spent, org_reserved, _ = ledger.counter(txn, (period, "org", org))
+    types = _sum_counters(txn, ledger, (period, "type", org))
+    users = _sum_counters(txn, ledger, (period, "user", org))
+    return Balance(org, period, org_spent, types[0], users[0], journal_spent, org_reserved,
+                   types[1], users[1])
+
+
+def balance(ledger: Ledger, org: str, period: str) -> Balance:
+    """Every level's sum for ``org`` in ``period``, from one snapshot (full journal scan)."""
+    with ledger.read() as txn:
+        journal, _ = _sum_journal(txn, ledger, period, org)
+        return _balance(txn, ledger, org, period, journal)
+
+
+def _orgs_in(ledger: Ledger, period: str) -> set[str]:
+    """Orgs with an org-level counter in ``period`` (also those a policy no longer lists)."""
+    start = encode_key((period, "org")) + _SEP
+    orgs = set()
+    with ledger.read() as txn:
+        cursor = txn.cursor(db=ledger.dbs["counters"])
+        if cursor.set_range(start):
+            for key, value in cursor:
+                if not bytes(key).startswith(start):
+                    break
+                orgs.add(decode_key(bytes(key), bytes(value)[COUNTER.size:])[2])
+    return orgs
+
+
+def conservation(ledger: Ledger, policy: Policy, period: str | None = None) -> list[Balance]:
+    """The orgs whose books do not balance in ``period`` (default: each org's current one).
+
+    An empty list means every nano-USD is counted once at every level.
+    """
+    checks: set[tuple[str, str]] = set()
+    if period is None:
+        now = ledger.clock.now()
+        checks = {(name, period_key(now, org.tz)) for name, org in policy.orgs.items()}
+    else:
+        checks = {(name, period) for name in {*policy.orgs, *_orgs_in(ledger, period)}}
+    found = [balance(ledger, org, p) for org, p in sorted(checks)]
+    return [b for b in found if b.drift != 0]
+
+
+class Auditor:
+    """Conservation checks for every scrape, reading only journal entries not seen before."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._journal: dict[tuple[str, str], tuple[int, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def balance(self, org: str, period: str) -> Balance:
+        """Like :func:`balance`, continuing the journal sum where the last call stopped."""
+        with self._lock, self.ledger.read() as txn:
+            total, last = self._journal.get((org, period), (0, b""))
+            more, last = _sum_journal(txn, self.ledger, period, org, last)
+            total += more
+            if len(self._journal) > 10_000:  # periods long gone: start over
+                self._journal.clear()
+            self._journal[(org, period)] = (total, last)
+            return _balance(txn, self.ledger, org, period, total)
