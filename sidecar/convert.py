@@ -7,8 +7,9 @@ the servicer turns them into ``INVALID_ARGUMENT`` before anything is changed.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Protocol
+from typing import Any, Protocol
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from policy.decide import Request
@@ -17,8 +18,8 @@ from sidecar.api.v1 import spendkeeper_pb2 as pb
 from sidecar.ledger import LevelView
 
 __all__ = [
-    "MAX_ID_BYTES", "MAX_TOKENS", "BadRequest", "level_pb", "money", "request_from",
-    "timestamp",
+    "MAX_ID_BYTES", "MAX_TOKENS", "BadRequest", "invalid_utf8_field", "level_pb", "money",
+    "request_from", "timestamp",
 ]
 
 MAX_ID_BYTES = 256
@@ -139,3 +140,60 @@ def level_pb(view: LevelView) -> pb.Level:
         msg.limit.CopyFrom(money(view.limit))
         msg.remaining.CopyFrom(money(view.remaining or 0))
     return msg
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]  # IndexError on truncated input: the caller gives up
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def invalid_utf8_field(descriptor: Any, data: bytes, prefix: str = "") -> str | None:
+    """The dotted name of the first string field in ``data`` that is not valid UTF-8.
+
+    The protobuf runtime rejects such a message without naming the field, so a
+    request that fails to parse is walked once more, here, for a clear
+    INVALID_ARGUMENT message. None when no such field is found (or the bytes are
+    not a well-formed message at all). ``descriptor`` is a message Descriptor
+    (typed Any: the pure-Python and upb runtimes have distinct Descriptor types).
+    """
+    pos = 0
+    try:
+        while pos < len(data):
+            tag, pos = _varint(data, pos)
+            number, wire = tag >> 3, tag & 7
+            if wire == 0:
+                _, pos = _varint(data, pos)
+            elif wire == 1:
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            elif wire == 2:
+                size, pos = _varint(data, pos)
+                chunk, pos = data[pos:pos + size], pos + size
+                field = descriptor.fields_by_number.get(number)
+                if field is None:
+                    continue
+                name = f"{prefix}{field.name}"
+                if field.type == FieldDescriptor.TYPE_STRING:
+                    try:
+                        chunk.decode("utf-8")
+                    except UnicodeDecodeError:
+                        return name
+                elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                    found: str | None = invalid_utf8_field(field.message_type, chunk,
+                                                           name + ".")
+                    if found is not None:
+                        return found
+            else:  # groups (3, 4) are not used by this API; 6 and 7 are invalid
+                return None
+    except (IndexError, ValueError):
+        return None
+    return None

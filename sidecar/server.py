@@ -31,6 +31,7 @@ from policy.errors import PolicyError
 from sidecar.config import Config
 from sidecar.ledger import Ledger
 from sidecar.metrics import LedgerCollector, Metrics, serve_metrics
+from sidecar.notify import Notifier
 from sidecar.observe import Observer, Observers
 from sidecar.service import SERVICE_NAME, PolicyHolder, SpendKeeperService, generic_handler
 
@@ -51,9 +52,18 @@ class Sidecar:
                              reservation_ttl=config.reservation_ttl)
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.registry.register(LedgerCollector(self.ledger, self.holder))
         self.reloads = {"ok": 0, "error": 0}
-        observer = Observers(self.metrics, *extra_observers) if extra_observers else self.metrics
+        self.notifier = Notifier.from_config(config, self.ledger) if config.notify else None
+        self.registry.register(LedgerCollector(self.ledger, self.holder, reloads=self.reloads,
+                                               per_user=config.per_user_metrics,
+                                               notifier=self.notifier))
+        observers: tuple[Observer, ...] = (self.metrics, *extra_observers)
+        if config.decision_log is not None:
+            from sidecar.decision_log import DecisionLog
+
+            self.decision_log = DecisionLog.from_config(config, self.registry)
+            observers = (*observers, self.decision_log)
+        observer = Observers(*observers) if len(observers) > 1 else self.metrics
         self.service = SpendKeeperService(self.holder, self.ledger, observer,
                                           shadow=config.shadow)
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
@@ -109,6 +119,9 @@ class Sidecar:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._spawn("reaper", self._reap_loop)
+        notifier = self.notifier
+        if notifier is not None:  # stopped with the others by self._stop, before the ledger
+            self._spawn("notifier", lambda: notifier.run(self._stop))
         if self.config.watch:
             self._spawn("policy-watch", self._watch_loop)
         if self.config.metrics_listen and self.config.metrics_listen != "off":
@@ -129,6 +142,7 @@ class Sidecar:
         self.server.stop(grace).wait(grace + 5)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+            self._metrics_server.server_close()  # shutdown() leaves the socket open
         for thread in self._threads:
             thread.join(timeout=5)
         self.ledger.close()

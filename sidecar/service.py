@@ -19,7 +19,15 @@ from google.protobuf.message import DecodeError, Message
 from policy.model import Policy
 from policy.periods import parse_period
 from sidecar.api.v1 import spendkeeper_pb2 as pb
-from sidecar.convert import BadRequest, check_id, level_pb, money, request_from, timestamp
+from sidecar.convert import (
+    BadRequest,
+    check_id,
+    invalid_utf8_field,
+    level_pb,
+    money,
+    request_from,
+    timestamp,
+)
 from sidecar.ledger import Conflict, Ledger, LedgerFull, LedgerUnavailable
 from sidecar.ledger.views import UsageLine, usage_report
 from sidecar.observe import NullObserver, Observer
@@ -46,11 +54,14 @@ class _Malformed:
         self.error = error
 
 
-def _safe(parse: Callable[[bytes], M]) -> Callable[[bytes], M | _Malformed]:
+def _safe(kind: type[M]) -> Callable[[bytes], M | _Malformed]:
     def deserialize(data: bytes) -> M | _Malformed:
         try:
-            return parse(data)
+            return kind.FromString(data)
         except (DecodeError, UnicodeDecodeError, ValueError) as exc:
+            field = invalid_utf8_field(kind.DESCRIPTOR, data)
+            if field is not None:
+                return _Malformed(f"{field} is not valid UTF-8")
             return _Malformed(f"malformed request: {exc or 'cannot parse'} (invalid UTF-8 in a "
                               "string field or bad protobuf encoding)")
     return deserialize
@@ -222,7 +233,7 @@ def generic_handler(service: SpendKeeperService) -> grpc.GenericRpcHandler:  # t
     """The service's handlers, with deserializers that turn bad bytes into INVALID_ARGUMENT."""
     def unary(fn: Callable[..., Any], req: type[Message], resp: type[Message]) -> Any:
         return grpc.unary_unary_rpc_method_handler(
-            fn, request_deserializer=_safe(req.FromString),
+            fn, request_deserializer=_safe(req),
             response_serializer=resp.SerializeToString)
 
     return grpc.method_handlers_generic_handler(SERVICE_NAME, {

@@ -280,12 +280,12 @@ class Ledger:
             rkey = req.request_id.encode()
             raw = txn.get(rkey, db=self._requests)
             if raw is not None:
-                entry = unpack_entry(raw)
-                if "auth" in entry:
-                    if entry["afp"] != fp:
+                previous = unpack_entry(raw)
+                if "auth" in previous:
+                    if previous["afp"] != fp:
                         raise Conflict(f'request_id "{req.request_id}" was already used for '
                                        "a different Authorize")
-                    return self._auth_from(entry["auth"], replayed=True)
+                    return self._auth_from(previous["auth"], replayed=True)
                 raise Conflict(f'request_id "{req.request_id}" was already recorded')
 
             seen: dict[Key, tuple[bytes, tuple[int, int, int]]] = {}

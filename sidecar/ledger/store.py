@@ -196,7 +196,7 @@ class GroupSync:
         error: BaseException | None = None
         try:
             self._sync()
-        except BaseException as exc:  # noqa: BLE001 - any failure must stop acknowledgements
+        except BaseException as exc:  # any failure must stop acknowledgements
             error = exc
         finally:
             self._cond.acquire()

@@ -104,7 +104,8 @@ def journal(ledger: Ledger) -> list[tuple[str, dict[str, Any]]]:
 
 def requests(ledger: Ledger) -> dict[str, dict[str, Any]]:
     """The requests database decoded: request id -> stored entry."""
-    return {k.decode(): unpack_entry(v) for k, v in snapshot(ledger, "requests")["requests"].items()}
+    rows = snapshot(ledger, "requests")["requests"]
+    return {k.decode(): unpack_entry(v) for k, v in rows.items()}
 
 
 def check_books(ledger: Ledger) -> Counter[str]:
