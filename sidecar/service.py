@@ -71,11 +71,15 @@ class SpendKeeperService:
     """Authorize / Record / Release / GetUsage over a ledger and the current policy."""
 
     def __init__(self, holder: PolicyHolder, ledger: Ledger, observer: Observer | None = None,
-                 *, shadow: bool = False) -> None:
+                 *, shadow: bool = False,
+                 on_storage_failure: Callable[[], None] | None = None) -> None:
         self.holder = holder
         self.ledger = ledger
         self.observer: Observer = observer or NullObserver()
         self.shadow = shadow
+        #: Called when the ledger becomes unusable (e.g. fsync failed): the server
+        #: turns health NOT_SERVING so load balancers stop sending traffic here.
+        self.on_storage_failure = on_storage_failure
 
     # -------------------------------------------------------------- plumbing
     def _fail(self, context: grpc.ServicerContext, rpc: str, code: grpc.StatusCode,
@@ -97,6 +101,8 @@ class SpendKeeperService:
             return self._fail(context, rpc, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), started)  # type: ignore[no-any-return]
         except LedgerUnavailable as exc:
             _log.error("ledger unavailable: %s", exc)
+            if self.on_storage_failure is not None:
+                self.on_storage_failure()
             return self._fail(context, rpc, grpc.StatusCode.UNAVAILABLE, str(exc), started)  # type: ignore[no-any-return]
 
     @staticmethod
