@@ -185,8 +185,9 @@ def _decide(policy: Policy, req: Request, counters: Counters) -> Decision:
     if req.allow_clamp:
         clamped = _clamp(org, req, levels, cost)
         if clamped is not None:
+            # ``cost`` stays the unclamped worst case; only the clamped cost is reserved.
             return Decision(True, "WITHIN_LIMITS", f"allowed with max_output_tokens clamped "
-                            f"to {clamped[0]}", clamped[1], clamped[1].nanos, levels, period,
+                            f"to {clamped[0]}", cost, clamped[1].nanos, levels, period,
                             resets, member, max_output_tokens=clamped[0])
     first = failing[0]
     reason = _LEVEL_REASON[first.scope.level]

@@ -303,10 +303,17 @@ def _build(policy: Policy, node: s.TestNode) -> _Case:
 
 
 # ---------------------------------------------------------------- running
+def _cost(decision: Decision) -> int | None:
+    """What ``expect ... cost`` compares: the worst case, or the clamped cost reserved."""
+    if decision.max_output_tokens is not None:
+        return decision.reserve
+    return decision.cost.nanos if decision.cost is not None else None
+
+
 def _got(decision: Decision) -> str:
     verdict = "allow" if decision.allowed else "deny"
-    details = [f"cost {format_usd(decision.cost.nanos)}" if decision.cost is not None
-               else "not priced"]
+    cost = _cost(decision)
+    details = [f"cost {format_usd(cost)}" if cost is not None else "not priced"]
     if decision.max_output_tokens is not None:
         details.append(f"max_output {decision.max_output_tokens:,}")
     text = f"{verdict} {decision.reason} ({', '.join(details)})"
@@ -320,7 +327,7 @@ def _matches(expect: _Expect, decision: Decision) -> bool:
         return False
     if expect.reason is not None and decision.reason != expect.reason:
         return False
-    if expect.cost is not None and (decision.cost is None or decision.cost.nanos != expect.cost):
+    if expect.cost is not None and _cost(decision) != expect.cost:
         return False
     return expect.max_output is None or decision.max_output_tokens == expect.max_output
 

@@ -8,8 +8,10 @@ fail mode for when the sidecar cannot be reached, ``Decimal`` money and a
 :meth:`SpendKeeperClient.guard` context manager (authorize, run the body,
 record the usage it reports or release the reservation).
 
-Only transport trouble is retried: ``UNAVAILABLE``, ``DEADLINE_EXCEEDED`` and
-``RESOURCE_EXHAUSTED``. Bad input (``INVALID_ARGUMENT``, :class:`InvalidRequest`)
+Only transport trouble is retried: ``UNAVAILABLE``, ``DEADLINE_EXCEEDED``,
+``RESOURCE_EXHAUSTED`` and ``CANCELLED`` (what a call gets when the sidecar
+shuts down under it; every call is idempotent by request id, so resending is
+safe). Bad input (``INVALID_ARGUMENT``, :class:`InvalidRequest`)
 and a reused id with another payload (``FAILED_PRECONDITION``,
 :class:`RequestConflict`) are raised at once; any other status is raised as
 :class:`SpendKeeperError`. Decisions are never exceptions.
@@ -58,7 +60,7 @@ _NANO: Final = Decimal("1e-9")
 #: ``Authorization.reason`` when no answer came from the sidecar.
 REASON_SIDECAR_UNAVAILABLE: Final = "SIDECAR_UNAVAILABLE"
 _RETRYABLE: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                               grpc.StatusCode.RESOURCE_EXHAUSTED})
+                               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
 _TIERS: Final = {"standard": pb.STANDARD, "batch": pb.BATCH, "priority": pb.PRIORITY}
 _SPEEDS: Final = {"standard": pb.SPEED_STANDARD, "fast": pb.FAST}
 #: The sidecar is local: reconnect quickly after it restarts instead of
