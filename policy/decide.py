@@ -13,7 +13,7 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from policy.model import ATTO_PER_NANO, MemberDef, OrgPolicy, Policy
+from policy.model import ATTO_PER_NANO, MemberDef, OrgPolicy, Policy, format_usd
 from policy.periods import calendar
 from policy.pricing import Cost, Usage, price, resolve_model
 
@@ -193,8 +193,8 @@ def _decide(policy: Policy, req: Request, counters: Counters) -> Decision:
     reason = _LEVEL_REASON[first.scope.level]
     limit = first.scope.limit or 0
     message = (f"{first.scope.level} limit of {first.scope.name} exceeded: spent "
-               f"{_usd(first.spent)} + reserved {_usd(first.reserved)} + this request "
-               f"{_usd(cost.nanos)} > limit {_usd(limit)}")
+               f"{format_usd(first.spent)} + reserved {format_usd(first.reserved)} + this request "
+               f"{format_usd(cost.nanos)} > limit {format_usd(limit)}")
     return Decision(False, reason, message, cost, 0, levels, period, resets, member,
                     verdict=reason)
 
@@ -218,10 +218,3 @@ def _clamp(org: OrgPolicy, req: Request, levels: tuple[Level, ...],
     tokens = min(budget // per_token, req.usage.output_tokens - 1)
     clamped = at(tokens)
     return (tokens, clamped) if tokens >= 1 and clamped.nanos <= headroom else None
-
-
-def _usd(nanos: int) -> str:
-    whole, frac = divmod(nanos, 10**9)
-    text = f"${whole:,}.{frac:09d}".rstrip("0")
-    return text + "00" if text.endswith(".") else text if len(text.split(".")[1]) >= 2 \
-        else text + "0"

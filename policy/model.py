@@ -18,7 +18,8 @@ from policy.syntax import TestNode
 __all__ = [
     "ATTO_PER_NANO", "ATTO_PER_USD", "METERS", "NANOS_PER_USD", "AddonDef", "MemberDef",
     "ModelRates", "Multiplier", "OrgPolicy", "Plan", "Policy", "PricePeriod", "PriceSheet",
-    "RateTable", "ToolRate", "UserTypeDef", "atto_to_usd", "nanos_to_usd", "usd_to_nanos",
+    "RateTable", "ToolRate", "UserTypeDef", "atto_to_usd", "format_usd", "nanos_to_usd",
+    "usd_to_nanos",
 ]
 
 #: The five token meters, in the order price tuples use.
@@ -38,6 +39,14 @@ def atto_to_usd(atto: int) -> Decimal:
 def nanos_to_usd(nanos: int) -> Decimal:
     """Integer nano-USD as exact USD, without trailing zeros."""
     return Decimal(format(Decimal(nanos).scaleb(-9).normalize(), "f"))
+
+
+def format_usd(nanos: int) -> str:
+    """Nano-USD as exact dollars for people, at least two decimals: ``$0.105``, ``$1,234.50``."""
+    sign = "-" if nanos < 0 else ""
+    whole, frac = divmod(abs(nanos), NANOS_PER_USD)
+    digits = f"{frac:09d}".rstrip("0").ljust(2, "0")
+    return f"{sign}${whole:,}.{digits}"
 
 
 def usd_to_nanos(usd: Decimal) -> int:

@@ -45,7 +45,7 @@ from decimal import Decimal, InvalidOperation
 from policy import syntax as s
 from policy.decide import REASONS, Decision, Key, Request, decide, scopes_for
 from policy.errors import Loc, closest
-from policy.model import NANOS_PER_USD, Policy
+from policy.model import NANOS_PER_USD, Policy, format_usd
 from policy.pricing import SERVICE_TIERS, SPEEDS, Usage
 
 __all__ = [
@@ -142,14 +142,6 @@ def parse_time(text: str, *, naive_utc: bool = False) -> dt.datetime:
             raise ValueError(f"time {text} has no zone: add Z (UTC) or an offset like +01:00")
         when = when.replace(tzinfo=dt.UTC)
     return when
-
-
-def format_usd(nanos: int) -> str:
-    """Nano-USD as exact dollars, at least two decimals: ``$0.105``, ``$1,234.50``."""
-    sign = "-" if nanos < 0 else ""
-    whole, frac = divmod(abs(nanos), NANOS_PER_USD)
-    digits = f"{frac:09d}".rstrip("0").ljust(2, "0")
-    return f"{sign}${whole:,}.{digits}"
 
 
 # ---------------------------------------------------------------- building a case
