@@ -50,7 +50,12 @@ _TOOL_UNITS = {"code_execution": "seconds"}
 
 
 class _Shard:
-    """One thread's counts; only its own thread writes them."""
+    """One thread's counts; only its own thread writes them.
+
+    The collector reads them from another thread: copying a dict or reading an
+    int is atomic under CPython's GIL, and a scrape that misses an increment
+    in flight sees it next time.
+    """
 
     __slots__ = ("decisions", "errors", "latency", "records", "releases", "sums", "usage")
 
@@ -97,8 +102,10 @@ class Metrics:
         verdict = result.verdict
         key = (req.org if verdict != "UNKNOWN_ORG" else UNKNOWN_ORG, result.allowed, verdict,
                result.shadow)
-        cells = shard.decisions
-        cells[key] = cells.get(key, 0) + 1
+        try:  # subscripting beats .get() on the hot path; a miss happens once per key
+            shard.decisions[key] += 1
+        except KeyError:
+            shard.decisions[key] = 1
         shard.latency[_AUTH][bisect_left(_BUCKETS, seconds)] += 1
         shard.sums[_AUTH] += seconds
 
@@ -111,19 +118,22 @@ class Metrics:
         # A known org always has levels; an unknown one's made-up name is not a label.
         org = req.org if result.levels else UNKNOWN_ORG
         key = (org, result.duplicate)
-        cells = shard.records
-        cells[key] = cells.get(key, 0) + 1
+        try:
+            shard.records[key] += 1
+        except KeyError:
+            shard.records[key] = 1
         detail = result.detail
         if detail is not None:
             usage = shard.usage
             if detail.priced:
-                ukey = (org, detail.model)
-                meters = usage.get(ukey)
-                if meters is None:
-                    meters = usage[ukey] = {}
+                try:
+                    meters = usage[org, detail.model]
+                except KeyError:
+                    meters = usage[org, detail.model] = {}
                 for line in detail.lines:
-                    cell = meters.get(line.meter)
-                    if cell is None:
+                    try:
+                        cell = meters[line.meter]
+                    except KeyError:
                         cell = meters[line.meter] = [0, 0]
                     cell[0] += line.quantity
                     cell[1] += line.atto
@@ -288,8 +298,9 @@ class LedgerCollector(Collector):
                                      labels=labels)
         limit = GaugeMetricFamily("spendkeeper_limit_usd", "Monthly limit (USD)", labels=labels)
         drift = GaugeMetricFamily("spendkeeper_ledger_conservation_drift_nano_usd",
-                                  "Largest difference between Σ users, Σ user types, the org "
-                                  "counter and Σ journal this period (0: books balance)",
+                                  "Largest difference between the sums over users and over user "
+                                  "types, the org counter and the journal plus corrections this "
+                                  "period, in nano-USD (0: the books balance)",
                                   labels=["org"])
         policy = self.holder.policy
         for org in policy.orgs.values():

@@ -4,15 +4,18 @@ Each settled Record adds its cost to the user's, the user type's and the org's
 counter for its period, and writes one journal entry carrying the same nanos.
 So, per org and period, these must all be equal::
 
-    Σ user spent == Σ user-type spent == org spent == Σ journal nanos
+    Σ user spent == Σ user-type spent == org spent == Σ journal nanos + Σ corrections
 
 and likewise Σ user reserved == Σ user-type reserved == org reserved.
+Corrections (:mod:`sidecar.ledger.adjust`) that move the counters are their
+own entries in the ``adjustments`` database, never journal edits, so they are
+added to the journal side.
 (Users with a daily limit also have a ``day`` counter; it is a second window
 on the same spend, not part of the sums.) A difference means a bug or a
 damaged file. :func:`conservation` checks it from scratch; :class:`Auditor`
 keeps running journal sums so the metrics collector can check every scrape
-without re-reading a month of journal entries each time (journal entries are
-append-only, so only new ones need reading).
+without re-reading a month of journal entries each time (journal and
+correction entries are append-only, so only new ones need reading).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class Balance:
     types_spent: int
     users_spent: int
     journal_spent: int
+    adjusted: int  # Σ nanos of corrections that moved the counters
     org_reserved: int
     types_reserved: int
     users_reserved: int
@@ -50,7 +54,7 @@ class Balance:
     def drift(self) -> int:
         """The largest difference from the org's own counter (0 when the books balance)."""
         return max(abs(self.types_spent - self.org_spent), abs(self.users_spent - self.org_spent),
-                   abs(self.journal_spent - self.org_spent),
+                   abs(self.journal_spent + self.adjusted - self.org_spent),
                    abs(self.types_reserved - self.org_reserved),
                    abs(self.users_reserved - self.org_reserved))
 
@@ -71,17 +75,17 @@ def _sum_counters(txn: lmdb.Transaction, ledger: Ledger,
     return spent, reserved
 
 
-def _journal_prefix(period: str, org: str) -> bytes:
-    return encode_key((period, org)) + _SEP
-
-
-def _sum_journal(txn: lmdb.Transaction, ledger: Ledger, period: str, org: str,
+def _sum_entries(txn: lmdb.Transaction, ledger: Ledger, db: str, period: str, org: str,
                  after: bytes = b"") -> tuple[int, bytes]:
-    """Σ nanos of the journal entries of (period, org) after key ``after``; and the last key."""
-    start = _journal_prefix(period, org)
+    """Σ "nanos" of ``db``'s (period, org) entries after key ``after``; and the last key.
+
+    ``db`` is "journal" or "adjustments": both key entries by (period, org) and a
+    sequence number and hold JSON with integer "nanos".
+    """
+    start = encode_key((period, org)) + _SEP
     total = 0
     last = after
-    cursor = txn.cursor(db=ledger.dbs["journal"])
+    cursor = txn.cursor(db=ledger.dbs[db])
     found = cursor.set_range(after) if after else cursor.set_range(start)
     if found and after and bytes(cursor.key()) == after:
         found = cursor.next()
@@ -96,19 +100,20 @@ def _sum_journal(txn: lmdb.Transaction, ledger: Ledger, period: str, org: str,
 
 
 def _balance(txn: lmdb.Transaction, ledger: Ledger, org: str, period: str,
-             journal_spent: int) -> Balance:
+             journal_spent: int, adjusted: int) -> Balance:
     org_spent, org_reserved, _ = ledger.counter(txn, (period, "org", org))
     types = _sum_counters(txn, ledger, (period, "type", org))
     users = _sum_counters(txn, ledger, (period, "user", org))
-    return Balance(org, period, org_spent, types[0], users[0], journal_spent, org_reserved,
-                   types[1], users[1])
+    return Balance(org, period, org_spent, types[0], users[0], journal_spent, adjusted,
+                   org_reserved, types[1], users[1])
 
 
 def balance(ledger: Ledger, org: str, period: str) -> Balance:
     """Every level's sum for ``org`` in ``period``, from one snapshot (full journal scan)."""
     with ledger.read() as txn:
-        journal, _ = _sum_journal(txn, ledger, period, org)
-        return _balance(txn, ledger, org, period, journal)
+        journal, _ = _sum_entries(txn, ledger, "journal", period, org)
+        adjusted, _ = _sum_entries(txn, ledger, "adjustments", period, org)
+        return _balance(txn, ledger, org, period, journal, adjusted)
 
 
 def _orgs_in(ledger: Ledger, period: str) -> set[str]:
@@ -145,16 +150,19 @@ class Auditor:
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        self._journal: dict[tuple[str, str], tuple[int, bytes]] = {}
+        #: (db, org, period) -> (Σ nanos so far, last key read)
+        self._sums: dict[tuple[str, str, str], tuple[int, bytes]] = {}
         self._lock = threading.Lock()
 
     def balance(self, org: str, period: str) -> Balance:
         """Like :func:`balance`, continuing the journal sum where the last call stopped."""
         with self._lock, self.ledger.read() as txn:
-            total, last = self._journal.get((org, period), (0, b""))
-            more, last = _sum_journal(txn, self.ledger, period, org, last)
-            total += more
-            if len(self._journal) > 10_000:  # periods long gone: start over
-                self._journal.clear()
-            self._journal[(org, period)] = (total, last)
-            return _balance(txn, self.ledger, org, period, total)
+            if len(self._sums) > 20_000:  # periods long gone: start over
+                self._sums.clear()
+            totals = []
+            for db in ("journal", "adjustments"):
+                total, last = self._sums.get((db, org, period), (0, b""))
+                more, last = _sum_entries(txn, self.ledger, db, period, org, last)
+                self._sums[(db, org, period)] = (total + more, last)
+                totals.append(total + more)
+            return _balance(txn, self.ledger, org, period, totals[0], totals[1])
