@@ -58,6 +58,7 @@ class Sidecar:
                                                per_user=config.per_user_metrics,
                                                notifier=self.notifier))
         observers: tuple[Observer, ...] = (self.metrics, *extra_observers)
+        self.decision_log: Any = None
         if config.decision_log is not None:
             from sidecar.decision_log import DecisionLog
 
@@ -65,7 +66,8 @@ class Sidecar:
             observers = (*observers, self.decision_log)
         observer = Observers(*observers) if len(observers) > 1 else self.metrics
         self.service = SpendKeeperService(self.holder, self.ledger, observer,
-                                          shadow=config.shadow)
+                                          shadow=config.shadow,
+                                          on_storage_failure=self._storage_failed)
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", 4 << 20),
                    ("grpc.so_reuseport", 1 if reuse_port else 0)]
@@ -145,8 +147,15 @@ class Sidecar:
             self._metrics_server.server_close()  # shutdown() leaves the socket open
         for thread in self._threads:
             thread.join(timeout=5)
+        if self.decision_log is not None:
+            self.decision_log.close()
         self.ledger.close()
         _log.info("stopped")
+
+    def _storage_failed(self) -> None:
+        """The ledger refuses writes: stop attracting traffic until an operator restarts us."""
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def wait(self) -> None:
         """Block until the server terminates."""
