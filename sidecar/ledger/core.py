@@ -502,10 +502,13 @@ class Ledger:
     def _aggregate(self, txn: lmdb.Transaction, period: str, org: OrgPolicy, member: MemberDef,
                    cost: Cost, late: bool) -> None:
         usage_db = self.dbs["usage"]
-        label = cost.label + (", fallback" if cost.fallback else "") + (", late" if late else "")
+        flags = (", fallback" if cost.fallback else "") + (", late" if late else "")
+        label = cost.label + flags
+        # Tool fees are never discounted or multiplied: their lines say so.
+        tool_label = "tool fee" + flags
         for line in cost.lines:
             key = (period, org.name, member.user, cost.model, line.meter, str(line.unit_usd),
-                   str(line.per), label)
+                   str(line.per), tool_label if line.meter.startswith("tool:") else label)
             ekey = encode_key(key)
             raw = txn.get(ekey, db=usage_db)
             qty, free, count = COUNTER.unpack_from(raw) if raw else (0, 0, 0)
