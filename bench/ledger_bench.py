@@ -8,7 +8,7 @@
   spread (min-max across runs).
 - Record: durable acknowledgement (commit, then wait for the group fsync) with
   1, 8 and 32 threads recording at once: throughput, per-call p50/p99 and how
-  many Records each fsync covered.
+  many Records each fsync covered; 3 runs each, medians and spread.
 - fsync: one bare ``env.sync(True)`` after a small commit, for reference.
 
 The environment lives under ``--dir`` (default: the system temp dir); put it on
@@ -34,7 +34,7 @@ from policy.model import Policy
 from policy.pricing import Usage
 from sidecar.ledger import Ledger
 
-__all__ = ["main", "run"]
+__all__ = ["bench_records", "main", "run"]
 
 POLICY = """
 rates "bench" {
@@ -142,6 +142,18 @@ def bench_record(root: Path, policy: Policy, threads: int, per_thread: int) -> d
             "per_fsync": total / max(syncs, 1)}
 
 
+def bench_records(root: Path, policy: Policy, threads: int, per_thread: int,
+                  runs: int = 3) -> dict[str, Any]:
+    """Median and spread of :func:`bench_record` figures over ``runs`` runs."""
+    results = [bench_record(root, policy, threads, per_thread) for _ in range(runs)]
+    out: dict[str, Any] = {"threads": threads, "records": results[0]["records"], "runs": runs}
+    for name in ("per_s", "p50_ms", "p99_ms", "per_fsync"):
+        values = [r[name] for r in results]
+        out[name] = statistics.median(values)
+        out[f"{name}_spread"] = (min(values), max(values))
+    return out
+
+
 def bench_fsync(root: Path, count: int) -> float:
     """Median microseconds of one fsync after a small commit."""
     folder = root / "fsync"
@@ -160,14 +172,15 @@ def bench_fsync(root: Path, count: int) -> float:
     return statistics.median(timings) / 1e3
 
 
-def run(quick: bool = False, directory: str | Path | None = None) -> dict[str, Any]:
+def run(quick: bool = False, directory: str | Path | None = None,
+        record_runs: int = 3) -> dict[str, Any]:
     """Run every ledger benchmark, print a table and return the figures."""
     policy = load_text(POLICY, "bench.spend")
     root = Path(tempfile.mkdtemp(prefix="ledger-bench-", dir=directory))
     try:
         authorize = bench_authorize(root, policy, 3_000 if quick else 20_000)
-        records = [bench_record(root, policy, threads, (200 if quick else 2_000) // threads
-                                if threads > 1 else (100 if quick else 500))
+        records = [bench_records(root, policy, threads, (200 if quick else 2_000) // threads
+                                 if threads > 1 else (100 if quick else 500), record_runs)
                    for threads in (1, 8, 32)]
         fsync_us = bench_fsync(root, 20 if quick else 200)
     finally:
@@ -185,12 +198,16 @@ def _print(result: dict[str, Any]) -> None:
                         ("mean_us", "mean")):
         low, high = a[f"{name}_spread"]
         print(f"  {label:>6}  {a[name]:8.1f} us   [{low:.1f}-{high:.1f}]")
-    print("Record, durable (group commit):")
-    print(f"  {'threads':>7}  {'records':>7}  {'rec/s':>8}  {'p50 ms':>7}  {'p99 ms':>7}  "
+    print("Record, durable (group commit); medians of runs, rec/s and p99 with [min-max]:")
+    print(f"  {'threads':>7}  {'records':>7}  {'rec/s':>20}  {'p50 ms':>7}  {'p99 ms':>19}  "
           f"{'rec/fsync':>9}")
     for r in result["record"]:
-        print(f"  {r['threads']:>7}  {r['records']:>7}  {r['per_s']:>8,.0f}  {r['p50_ms']:>7.2f}  "
-              f"{r['p99_ms']:>7.2f}  {r['per_fsync']:>9.1f}")
+        low, high = r.get("per_s_spread", (r["per_s"], r["per_s"]))
+        p99_low, p99_high = r.get("p99_ms_spread", (r["p99_ms"], r["p99_ms"]))
+        rate = f"{r['per_s']:,.0f} [{low:,.0f}-{high:,.0f}]"
+        p99 = f"{r['p99_ms']:.2f} [{p99_low:.2f}-{p99_high:.2f}]"
+        print(f"  {r['threads']:>7}  {r['records']:>7}  {rate:>20}  {r['p50_ms']:>7.2f}  "
+              f"{p99:>19}  {r['per_fsync']:>9.1f}")
     print(f"One bare fsync (env.sync) after a small commit: {result['fsync_us']:.0f} us (median)")
 
 

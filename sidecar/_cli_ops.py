@@ -23,20 +23,12 @@ from policy.errors import PolicyError
 from policy.model import Policy, format_usd
 from policy.pricing import SERVICE_TIERS, SPEEDS, Usage
 from policy.testing import parse_count, parse_time
+from sidecar._cli_policy import COUNT_OPTIONS
 from sidecar._command import Command
 
 __all__ = ["COMMANDS"]
 
-_COUNTS = (
-    ("--input", "input_tokens", "input tokens"),
-    ("--output", "output_tokens", "max output tokens (the worst case)"),
-    ("--cache-write-5m", "cache_write_5m_tokens", "5-minute cache-write tokens"),
-    ("--cache-write-1h", "cache_write_1h_tokens", "1-hour cache-write tokens"),
-    ("--cache-read", "cache_read_tokens", "cache-read tokens"),
-    ("--web-search", "web_search_requests", "web search requests"),
-    ("--web-fetch", "web_fetch_requests", "web fetch requests"),
-    ("--code-execution-seconds", "code_execution_seconds", "code execution seconds"),
-)
+_COUNTS = COUNT_OPTIONS  # the same usage flags as `spendkeeper price`
 
 
 def _out(text: str = "") -> None:

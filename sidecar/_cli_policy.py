@@ -30,7 +30,8 @@ from policy.pricing import SERVICE_TIERS, SPEEDS, Cost, Line, Usage, price, reso
 from policy.testing import describe_decision, parse_count, parse_time, run_tests
 
 __all__ = [
-    "add_check_arguments", "add_fmt_arguments", "add_price_arguments", "add_test_arguments",
+    "COUNT_OPTIONS", "add_check_arguments", "add_fmt_arguments", "add_price_arguments",
+    "add_test_arguments",
     "run_check", "run_fmt", "run_price", "run_test",
 ]
 
@@ -197,7 +198,7 @@ def run_test(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- price
-_COUNT_OPTIONS = (
+COUNT_OPTIONS = (
     ("--input", "input_tokens", "input tokens"),
     ("--output", "output_tokens", "output tokens"),
     ("--cache-write-5m", "cache_write_5m_tokens", "5-minute cache-write tokens"),
@@ -234,7 +235,7 @@ def add_price_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--org", help="use this org's rate table")
     which.add_argument("--rates", metavar="NAME",
                        help="use this rate table (default: the only one)")
-    for flag, dest, what in _COUNT_OPTIONS:
+    for flag, dest, what in COUNT_OPTIONS:
         parser.add_argument(flag, dest=dest, type=_count_arg, default=0, metavar="N",
                             help=f"{what} (default 0)")
     parser.add_argument("--tier", choices=SERVICE_TIERS, default="standard",
@@ -394,7 +395,7 @@ def run_price(args: argparse.Namespace) -> int:
         _fail(args, f'unknown model "{args.model}" in rate table "{table.name}"'
               + (f"; did you mean {hint}?" if hint else " (and it names no fallback)"))
     at = args.at if args.at is not None else dt.datetime.now(dt.UTC)
-    usage = Usage(**{dest: getattr(args, dest) for _, dest, _ in _COUNT_OPTIONS})
+    usage = Usage(**{dest: getattr(args, dest) for _, dest, _ in COUNT_OPTIONS})
     cost = price(table, args.model, usage, at, service_tier=args.tier, speed=args.speed,
                  geo=args.geo)
     report = _report(args, table, cost, at)

@@ -154,6 +154,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--shutdown-grace", type=float, help="seconds to drain calls on SIGTERM (10)")
     add("--decision-log", help="JSON-lines decision log file (denies; --decision-log-all: all)")
     add("--decision-log-all", action="store_const", const=True, help="log every decision")
+    add("--decision-log-max-bytes", type=int,
+        help="rotate the decision log at this size (default 64 MiB; 5 files kept)")
     add("--hash-user-ids", action="store_const", const=True, help="hash user ids in the log")
     add("--per-user-metrics", action="store_const", const=True, help="per-user metric series")
     add("--log-level", help="debug, info, warning, error (default: info)")

@@ -28,7 +28,7 @@ from policy.errors import PolicyError
 from policy.model import MemberDef, OrgPolicy, Policy, nanos_to_usd
 from policy.parse import parse_text
 from policy.pricing import Cost, price, resolve_model
-from sidecar.ledger.store import COUNTER, DATABASES, decode_key, encode_key, open_env
+from sidecar.ledger.store import COUNTER, DATABASES, decode_key, encode_key, iter_prefix, open_env
 
 __all__ = ["Explanation", "LedgerReader", "LimitStep", "OrgSources", "dollars", "explain",
            "limit_source", "no_counters", "org_sources", "print_explanation", "table", "usd"]
@@ -84,14 +84,7 @@ class LedgerReader:
 
     def scan(self, db: str, prefix: tuple[str, ...]) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) of ``db`` under ``prefix``, in key order."""
-        start = encode_key(prefix) + b"\x1f"
-        cursor = self.txn.cursor(db=self.dbs[db])
-        if not cursor.set_range(start):
-            return
-        for key, value in cursor:
-            if not bytes(key).startswith(start):
-                break
-            yield bytes(key), bytes(value)
+        yield from iter_prefix(self.txn, self.dbs[db], prefix)
 
     def users(self, period: str, org: str) -> dict[str, tuple[int, int]]:
         """Every user with a counter in ``period``: (spent, reserved)."""

@@ -28,7 +28,7 @@ from policy.decide import scopes_for
 from policy.model import NANOS_PER_USD, MemberDef, OrgPolicy
 from policy.periods import month_bounds, parse_period
 from sidecar.ledger.core import Ledger
-from sidecar.ledger.store import Conflict, LedgerFull, LedgerUnavailable, dumps, encode_key, loads
+from sidecar.ledger.store import Conflict, LedgerUnavailable, dumps, encode_key, loads
 
 __all__ = [
     "MAX_AMOUNT_USD", "Adjustment", "AdjustmentError", "add_adjustment", "list_adjustments",
@@ -196,19 +196,7 @@ def add_adjustment(ledger: Ledger, org: OrgPolicy, *, user: str, period: str, am
                 db=ledger.dbs["adjustments"])
         return entry, True
 
-    txn = ledger.env.begin(write=True)
-    try:
-        result = work(txn)
-        txn.commit()
-    except lmdb.MapFullError:
-        txn.abort()
-        raise LedgerFull("the ledger's LMDB map is full; the correction was not recorded") from None
-    except lmdb.Error as exc:
-        txn.abort()
-        raise LedgerUnavailable(f"storage error: {exc}") from exc
-    except BaseException:
-        txn.abort()
-        raise
+    result: tuple[Adjustment, bool] = ledger.run_write(work)
     try:
         ledger.env.sync(True)
     except lmdb.Error as exc:

@@ -38,6 +38,7 @@ from sidecar.ledger.store import (
     encode_key,
     fault_sync_check,
     is_hashed,
+    iter_prefix,
     open_env,
     pack_entry,
     unpack_entry,
@@ -218,8 +219,9 @@ class Ledger:
         self._check_usable()
         return self.env.begin(write=True)
 
-    def _run(self, fn: Callable[[lmdb.Transaction], Any]) -> Any:
-        """Run ``fn`` in one write transaction, mapping storage errors."""
+    def run_write(self, fn: Callable[[lmdb.Transaction], Any]) -> Any:
+        """Run ``fn`` in one write transaction (committed unless it raises), mapping
+        storage errors to :class:`LedgerFull` / :class:`LedgerUnavailable`."""
         txn = self._write()
         try:
             result = fn(txn)
@@ -321,7 +323,7 @@ class Ledger:
             txn.put(rkey, pack_entry(entry), db=self._requests)
             return result
 
-        result: AuthorizeResult = self._run(work)
+        result: AuthorizeResult = self.run_write(work)
         return result
 
     @staticmethod
@@ -372,7 +374,7 @@ class Ledger:
             self._drop_reservation(txn, rkey, entry, "expired" if expired else "released")
             return not expired
 
-        released: bool = self._run(work)
+        released: bool = self.run_write(work)
         return released
 
     def reap(self, limit: int = 1000) -> int:
@@ -401,7 +403,7 @@ class Ledger:
                     txn.delete(key, db=self._expiry)
             return done
 
-        count: int = self._run(work)
+        count: int = self.run_write(work)
         self.expired_total += count
         return count
 
@@ -445,7 +447,7 @@ class Ledger:
             txn.put(rkey, pack_entry(entry), db=self._requests)
             return result
 
-        result: RecordResult = self._run(work)
+        result: RecordResult = self.run_write(work)
         # Duplicates too: the first commit may not be fsync'd yet (its writer is still
         # waiting, or its fsync failed in another process), and this answer acknowledges it.
         self._durable()
@@ -589,12 +591,5 @@ class Ledger:
 
     def scan(self, db: str, prefix: tuple[str, ...]) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) of ``db`` whose key starts with ``prefix``'s encoding."""
-        start = encode_key(prefix) + b"\x1f" if prefix else b""
         with self.env.begin() as txn:
-            cursor = txn.cursor(db=self.dbs[db])
-            if not cursor.set_range(start):
-                return
-            for key, value in cursor:
-                if not bytes(key).startswith(start):
-                    break
-                yield bytes(key), bytes(value)
+            yield from iter_prefix(txn, self.dbs[db], prefix)

@@ -14,7 +14,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ import msgpack
 
 __all__ = [
     "COUNTER", "DATABASES", "GroupSync", "LedgerError", "LedgerFull", "LedgerUnavailable",
-    "boot_id", "decode_key", "dumps", "encode_key", "loads", "open_env", "pack_entry",
+    "boot_id", "decode_key", "dumps", "encode_key", "iter_prefix", "loads", "open_env",
+    "pack_entry",
     "unpack_entry",
 ]
 
@@ -111,6 +112,19 @@ def decode_key(key: bytes, overflow: bytes = b"") -> tuple[str, ...]:
     if overflow:
         return tuple(json.loads(overflow))
     return tuple(key.decode().split(_SEP))
+
+
+def iter_prefix(txn: lmdb.Transaction, db: Any, prefix: tuple[str, ...]) -> Iterator[
+        tuple[bytes, bytes]]:
+    """Every (key, value) of ``db`` whose key lies under ``prefix`` (all of it for ``()``)."""
+    start = encode_key(prefix) + _SEP.encode() if prefix else b""
+    cursor = txn.cursor(db=db)
+    if not cursor.set_range(start):
+        return
+    for key, value in cursor:
+        if not bytes(key).startswith(start):
+            break
+        yield bytes(key), bytes(value)
 
 
 def is_hashed(key: bytes) -> bool:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from policy.model import OrgPolicy, Policy
 from policy.periods import month_bounds, period_key
 from sidecar.ledger.core import Ledger
-from sidecar.ledger.store import COUNTER, decode_key, encode_key
+from sidecar.ledger.store import COUNTER, decode_key, iter_prefix
 
 __all__ = ["UsageLine", "UsageReport", "usage_report"]
 
@@ -75,16 +75,9 @@ def usage_report(ledger: Ledger, policy: Policy, org: OrgPolicy, period: str | N
             spent, reserved, count = read((period, "user", org.name, user))
             users[user] = UsageLine("user", user, member.user_type, spent, reserved,
                                     member.month_limit, count)
-        prefix = encode_key((period, "user", org.name)) + b"\x1f"
-        cursor = txn.cursor(db=ledger.dbs["counters"])
-        if cursor.set_range(prefix):
-            for key, value in cursor:
-                if not bytes(key).startswith(prefix):
-                    break
-                parts = decode_key(bytes(key), bytes(value)[COUNTER.size:])
-                user = parts[3]
-                if user in users:
-                    continue
+        for key, value in iter_prefix(txn, ledger.dbs["counters"], (period, "user", org.name)):
+            user = decode_key(key, value[COUNTER.size:])[3]
+            if user not in users:
                 spent, reserved, count = COUNTER.unpack_from(value)
                 found = org.member(user)
                 users[user] = UsageLine("user", user, found.user_type if found else "",
