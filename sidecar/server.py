@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from policy.compile import load
 from policy.errors import PolicyError
+from sidecar._compile_child import compile_in_child
 from sidecar.config import Config
 from sidecar.ledger import Ledger
 from sidecar.metrics import LedgerCollector, Metrics, serve_metrics
@@ -181,11 +182,15 @@ class Sidecar:
             _log.exception("policy watcher stopped; SIGHUP still reloads")
 
     def reload(self) -> bool:
-        """Load, check and compile the policy off the request path, then swap it in."""
+        """Load, check and compile the policy off the request path, then swap it in.
+
+        The compiling happens in a child process (:mod:`sidecar._compile_child`),
+        so request threads keep the GIL; only the swap happens here.
+        """
         with self._reload_lock:
             started = time.perf_counter()
             try:
-                policy = load(self.policy_path)
+                policy = compile_in_child(self.policy_path)
             except PolicyError as exc:
                 self.reloads["error"] += 1
                 _log.error("policy reload rejected; still serving version %s:\n%s",
