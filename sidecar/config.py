@@ -33,6 +33,10 @@ class Config:
     metrics_listen: str = "127.0.0.1:9464"  # "" or "off": no metrics listener
     workers: int = 1
     threads: int = 8
+    #: sys.setswitchinterval for the serving process (seconds). CPython's 5 ms
+    #: default lets one busy thread keep every thread that returns from LMDB or
+    #: fsync (GIL released) waiting up to 5 ms; see docs/performance.md.
+    switch_interval: float = 0.0002
     max_concurrent_rpcs: int = 512
     max_message_bytes: int = 64 * 1024
     reservation_ttl: float = 300.0
@@ -122,6 +126,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("workers must be between 1 and 64")
     if config.threads < 1:
         raise ConfigError("threads must be at least 1")
+    if not 0.00001 <= config.switch_interval <= 0.1:
+        raise ConfigError("switch_interval must be between 0.00001 and 0.1 seconds")
     if config.reservation_ttl <= 0:
         raise ConfigError("reservation_ttl must be positive (seconds)")
     if (config.tls_cert is None) != (config.tls_key is None):
@@ -142,6 +148,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--metrics-listen", help="host:port for /metrics, or 'off' (default: 127.0.0.1:9464)")
     add("--workers", type=int, help="server processes sharing the port and the ledger")
     add("--threads", type=int, help="handler threads per process (default: 8)")
+    add("--switch-interval", type=float,
+        help="GIL switch interval in seconds for this process (default 0.0002)")
     add("--max-concurrent-rpcs", type=int, help="beyond this, RESOURCE_EXHAUSTED (default 512)")
     add("--reservation-ttl", type=float, help="seconds before a reservation expires (300)")
     add("--map-size", type=int, help="LMDB map size in bytes (default: 4 GiB)")

@@ -7,6 +7,7 @@ the servicer turns them into ``INVALID_ARGUMENT`` before anything is changed.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any, Protocol
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -37,6 +38,10 @@ _LIMITS = {"input_tokens": MAX_TOKENS, "output_tokens": MAX_TOKENS,
            "cache_write_5m_tokens": MAX_TOKENS, "cache_write_1h_tokens": MAX_TOKENS,
            "cache_read_tokens": MAX_TOKENS, "web_search_requests": MAX_TOOL_USES,
            "web_fetch_requests": MAX_TOOL_USES, "code_execution_seconds": MAX_SECONDS}
+
+
+#: Control characters, and lone surrogates (what undecodable bytes become).
+_BAD_CHARS = re.compile("[\x00-\x1f\ud800-\udfff]")
 
 
 class BadRequest(ValueError):
@@ -73,22 +78,29 @@ def check_id(name: str, value: str, *, required: bool = True) -> None:
         if required:
             raise BadRequest(f"{name} is required")
         return
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+    # UTF-8 takes at most 4 bytes a character: short ids need no encoding to check.
+    if len(value) * 4 > MAX_ID_BYTES and len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
         raise BadRequest(f"{name} is longer than {MAX_ID_BYTES} bytes")
-    if any(ord(c) < 0x20 or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+    if _BAD_CHARS.search(value):
         raise BadRequest(f"{name} contains control characters or invalid UTF-8")
 
 
 def _usage(name: str, msg: pb.Usage) -> Usage:
-    values = {}
-    for field, limit in _LIMITS.items():
+    usage = Usage(msg.input_tokens, msg.output_tokens, msg.cache_write_5m_tokens,
+                  msg.cache_write_1h_tokens, msg.cache_read_tokens, msg.web_search_requests,
+                  msg.web_fetch_requests, msg.code_execution_seconds)
+    if max(usage.tokens()) <= MAX_TOKENS and min(usage.tokens()) >= 0 and \
+            0 <= usage.web_search_requests <= MAX_TOOL_USES and \
+            0 <= usage.web_fetch_requests <= MAX_TOOL_USES and \
+            0 <= usage.code_execution_seconds <= MAX_SECONDS:
+        return usage
+    for field, limit in _LIMITS.items():  # the slow path: name the offending field
         value = getattr(msg, field)
         if value < 0:
             raise BadRequest(f"{name}.{field} is negative ({value})")
         if value > limit:
             raise BadRequest(f"{name}.{field} is absurdly large ({value} > {limit})")
-        values[field] = value
-    return Usage(**values)
+    return usage
 
 
 def request_from(msg: _Common, usage: pb.Usage, usage_name: str, now: dt.datetime,

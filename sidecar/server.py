@@ -118,6 +118,7 @@ class Sidecar:
     # -------------------------------------------------------------- lifecycle
     def start(self) -> None:
         """Start serving; health turns SERVING (a policy is loaded by now)."""
+        sys.setswitchinterval(self.config.switch_interval)
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
