@@ -39,6 +39,8 @@ _UNIT_SECONDS = {"request": 1, "hour": 3600, "minute": 60, "second": 1}
 _DERIVED = {"cache_write_5m": Decimal("1.25"), "cache_write_1h": Decimal(2),
             "cache_read": Decimal("0.1")}
 _MAX_LIMIT_USD = Decimal(10) ** 9  # a billion dollars a month is a typo
+#: The checker stops recording (and searching for suggestions) after this many.
+MAX_DIAGNOSTICS = 100
 
 
 def _whole(value: Decimal) -> bool:
@@ -59,9 +61,13 @@ class Checker:
         self._inexact = False  # the model being checked has a price already reported inexact
 
     def error(self, code: str, message: str, loc: Loc, *notes: str) -> None:
-        self.diagnostics.append(Diagnostic(code, message, loc, self.line_of(loc), tuple(notes)))
+        if len(self.diagnostics) < MAX_DIAGNOSTICS:
+            self.diagnostics.append(Diagnostic(code, message, loc, self.line_of(loc),
+                                               tuple(notes)))
 
     def unknown(self, what: str, name: str, loc: Loc, known: Iterable[str]) -> None:
+        if len(self.diagnostics) >= MAX_DIAGNOSTICS:
+            return  # past the limit: skip the costly "did you mean" search
         known = list(known)
         hint = closest(name, known)
         notes = [f"did you mean {hint}?"] if hint else []

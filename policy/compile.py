@@ -75,16 +75,21 @@ class _Loader:
         self.diagnostics: list[Diagnostic] = []
         self.trees: list[s.FileNode] = []
         self.sources: dict[str, str] = {}
+        self._split: dict[str, list[str]] = {}  # source lines per file, split once
         self.seen: set[Path] = set()
 
     def error(self, code: str, message: str, loc: Loc, notes: tuple[str, ...] = ()) -> None:
         self.diagnostics.append(Diagnostic(code, message, loc, self._line(loc), notes))
 
     def _line(self, loc: Loc) -> str | None:
-        text = self.sources.get(loc.file)
-        if text is None or loc.line <= 0:
+        if loc.line <= 0:
             return None
-        lines = source_lines(text)
+        lines = self._split.get(loc.file)
+        if lines is None:
+            text = self.sources.get(loc.file)
+            if text is None:
+                return None
+            lines = self._split[loc.file] = source_lines(text)
         return lines[loc.line - 1] if loc.line <= len(lines) else None
 
     def _display(self, path: Path) -> str:

@@ -7,6 +7,7 @@ of the month simply finds empty counters.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
@@ -25,14 +26,15 @@ def day_key(when: dt.datetime, tz: ZoneInfo) -> str:
     return f"{local.year:04d}-{local.month:02d}-{local.day:02d}"
 
 
+_PERIOD = re.compile(r"[0-9]{4}-[0-9]{2}")
+
+
 def parse_period(period: str) -> tuple[int, int]:
-    """``"2026-11"`` to ``(2026, 11)``; ValueError if it is not a month."""
-    try:
-        year_text, month_text = period.split("-")
-        year, month = int(year_text), int(month_text)
-    except ValueError:
-        raise ValueError(f"period must look like 2026-11, not {period!r}") from None
-    if not (1970 <= year <= 9999 and 1 <= month <= 12) or len(month_text) != 2:
+    """``"2026-11"`` to ``(2026, 11)``; ValueError unless exactly that canonical form."""
+    if not _PERIOD.fullmatch(period):
+        raise ValueError(f"period must look like 2026-11, not {period!r}")
+    year, month = int(period[:4]), int(period[5:])
+    if not (1970 <= year <= 9999 and 1 <= month <= 12):
         raise ValueError(f"period must look like 2026-11, not {period!r}")
     return year, month
 

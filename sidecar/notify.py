@@ -205,16 +205,15 @@ class Notifier:
         """POST the entry; None on a 2xx answer, else what went wrong."""
         if not url.startswith(("https://", "http://")):
             return f"not an http(s) URL: {url!r}"
+        if not self.secret:
+            # Never send unsigned: the entry stays in the outbox (retried with
+            # backoff) until a secret is configured and the sidecar restarted.
+            return "no webhook secret configured (SPENDKEEPER_WEBHOOK_SECRET); not sending unsigned"
         sent_at = int(self.clock())
         body = payload(entry, sent_at)
         headers = {"Content-Type": "application/json", "User-Agent": "spendkeeper-notifier",
                    KEY_HEADER: entry["key"], TIMESTAMP_HEADER: str(sent_at)}
-        if self.secret:
-            headers[SIGNATURE_HEADER] = sign(self.secret, body)
-        elif not self._warned_unsigned:
-            self._warned_unsigned = True
-            _log.warning("no webhook secret configured (SPENDKEEPER_WEBHOOK_SECRET): "
-                         "notifications are sent unsigned")
+        headers[SIGNATURE_HEADER] = sign(self.secret, body)
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
             with self._opener.open(request, timeout=self.timeout) as response:

@@ -100,8 +100,12 @@ class Sidecar:
             if path.exists():
                 path.unlink()
         creds = self._credentials()
-        port = (self.server.add_secure_port(address, creds) if creds is not None
-                else self.server.add_insecure_port(address))
+        try:
+            port = (self.server.add_secure_port(address, creds) if creds is not None
+                    else self.server.add_insecure_port(address))
+        except RuntimeError as exc:  # grpc's way of saying the address cannot be bound
+            raise OSError(f"cannot listen on {address}: {exc} (in use, not a local address, "
+                          "or a Unix socket path over 107 bytes?)") from None
         if port == 0 and not address.startswith("unix:"):
             raise OSError(f"cannot listen on {address}")
         return port if not address.startswith("unix:") else -1
@@ -281,6 +285,7 @@ def serve_workers(config: Config) -> int:
         print(exc.render(), file=sys.stderr)
         return 1
     children: dict[int, int] = {}
+    started_at: dict[int, float] = {}
     stopping = False
 
     def spawn(index: int) -> None:
@@ -295,6 +300,7 @@ def serve_workers(config: Config) -> int:
             finally:
                 os._exit(code)
         children[pid] = index
+        started_at[pid] = time.monotonic()
 
     def forward(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -307,6 +313,7 @@ def serve_workers(config: Config) -> int:
         spawn(index)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    failed = False
     print(f"spendkeeper: {config.workers} workers on {', '.join(config.listen)}", flush=True)
     while children:
         try:
@@ -316,11 +323,22 @@ def serve_workers(config: Config) -> int:
         except InterruptedError:  # pragma: no cover - PEP 475 retries wait()
             continue
         index = children.pop(pid, -1)
+        lived = time.monotonic() - started_at.pop(pid, 0.0)
         if index >= 0 and not stopping:
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0 and lived < 5.0:
+                # It gave up while starting (cannot bind, bad data dir): restarting would
+                # loop. A worker killed by a signal is always restarted.
+                _log.error("worker %d (pid %d) failed while starting (status %d); stopping",
+                           index, pid, status)
+                stopping = failed = True
+                forward(signal.SIGTERM, None)
+                continue
             _log.error("worker %d (pid %d) exited with status %d; restarting", index, pid, status)
             time.sleep(0.5)
             spawn(index)
-    return 0
+        elif index >= 0 and status != 0:
+            failed = True
+    return 1 if failed else 0
 
 
 def _worker_metrics(address: str, index: int) -> str:
