@@ -19,7 +19,7 @@ __all__ = [
     "ATTO_PER_NANO", "ATTO_PER_USD", "METERS", "NANOS_PER_USD", "AddonDef", "MemberDef",
     "ModelRates", "Multiplier", "OrgPolicy", "Plan", "Policy", "PricePeriod", "PriceSheet",
     "RateTable", "ToolRate", "UserTypeDef", "atto_to_usd", "format_usd", "nanos_to_usd",
-    "usd_to_nanos",
+    "usd_text", "usd_to_nanos",
 ]
 
 #: The five token meters, in the order price tuples use.
@@ -47,6 +47,11 @@ def format_usd(nanos: int) -> str:
     whole, frac = divmod(abs(nanos), NANOS_PER_USD)
     digits = f"{frac:09d}".rstrip("0").ljust(2, "0")
     return f"{sign}${whole:,}.{digits}"
+
+
+def usd_text(nanos: int) -> str:
+    """Nano-USD as an exact plain decimal string for machines: ``"0.8"``, ``"0.000000001"``."""
+    return format(nanos_to_usd(nanos), "f")
 
 
 def usd_to_nanos(usd: Decimal) -> int:

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from policy.model import usd_text
 from sidecar._command import Command
 
 if TYPE_CHECKING:
@@ -104,9 +105,7 @@ def _run(body: Body, args: argparse.Namespace) -> int:
 
 
 def _usd(nanos: int | None) -> str | None:
-    from policy.model import nanos_to_usd
-
-    return None if nanos is None else format(nanos_to_usd(nanos), "f")
+    return None if nanos is None else usd_text(nanos)
 
 
 def _console() -> Any:

@@ -41,7 +41,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from policy.decide import Request
-from policy.model import nanos_to_usd
+from policy.model import usd_text
 from sidecar.config import Config
 from sidecar.ledger import AuthorizeResult, RecordResult
 
@@ -74,10 +74,6 @@ def load_salt(data_dir: Path) -> str:
 def hash_user(salt: str, user: str) -> str:
     """``sha256:<hex>`` of salt + user id, as the decision log writes it."""
     return "sha256:" + hashlib.sha256((salt + user).encode()).hexdigest()
-
-
-def _usd(nanos: int) -> str:
-    return format(nanos_to_usd(nanos), "f")
 
 
 def _iso(epoch_ns: int) -> str:
@@ -263,12 +259,12 @@ class DecisionLog:
             assert isinstance(result, AuthorizeResult)
             entry.update(
                 decision="ALLOW" if result.allowed else "DENY", reason=result.reason,
-                verdict=result.verdict, shadow=result.shadow, cost=_usd(result.worst_case),
-                reserved=_usd(result.reserved), message=message,
+                verdict=result.verdict, shadow=result.shadow, cost=usd_text(result.worst_case),
+                reserved=usd_text(result.reserved), message=message,
                 max_output_tokens=result.max_output_tokens, replayed=result.replayed)
         else:
             assert isinstance(result, RecordResult)
-            entry.update(decision="RECORD", cost=_usd(result.cost), priced=result.priced,
+            entry.update(decision="RECORD", cost=usd_text(result.cost), priced=result.priced,
                          duplicate=result.duplicate, late=result.late,
                          user_type=result.user_type)
         entry.update(period=result.period, at=req.at.isoformat(),

@@ -25,7 +25,7 @@ import lmdb
 from policy import syntax as s
 from policy.decide import Counters, Decision, Key, Request, decide, scopes_for
 from policy.errors import PolicyError
-from policy.model import MemberDef, OrgPolicy, Policy, nanos_to_usd
+from policy.model import MemberDef, OrgPolicy, Policy, usd_text
 from policy.parse import parse_text
 from policy.pricing import Cost, price, resolve_model
 from sidecar.ledger.store import COUNTER, DATABASES, decode_key, encode_key, iter_prefix, open_env
@@ -38,7 +38,7 @@ _READ_MAP_SIZE = 4 << 30
 
 def usd(nanos: int | None) -> str | None:
     """Nano-USD as an exact decimal string (``"0.018"``); None stays None (unlimited)."""
-    return None if nanos is None else format(nanos_to_usd(nanos), "f")
+    return None if nanos is None else usd_text(nanos)
 
 
 class LedgerReader:

@@ -34,9 +34,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from decimal import Decimal
 from typing import Any
 
+from policy.model import usd_text
 from sidecar.config import Config
 from sidecar.ledger import Ledger, outbox
 
@@ -46,11 +46,6 @@ _log = logging.getLogger("spendkeeper.notify")
 SIGNATURE_HEADER = "X-Spendkeeper-Signature"
 KEY_HEADER = "X-Spendkeeper-Idempotency-Key"
 TIMESTAMP_HEADER = "X-Spendkeeper-Timestamp"
-
-
-def _usd(nanos: int) -> str:
-    """Nano-USD as an exact plain decimal string: 800000000 -> "0.8", 1 -> "0.000000001"."""
-    return format(Decimal(nanos).scaleb(-9).normalize(), "f")
 
 
 
@@ -75,8 +70,8 @@ def payload(entry: dict[str, Any], sent_at: int) -> bytes:
         "scope": entry["scope"],
         "period": entry["period"],
         "threshold_percent": entry["threshold_percent"],
-        "spent_usd": _usd(entry["spent_nanos"]),
-        "limit_usd": _usd(entry["limit_nanos"]),
+        "spent_usd": usd_text(entry["spent_nanos"]),
+        "limit_usd": usd_text(entry["limit_nanos"]),
         "spent_nanos": entry["spent_nanos"],
         "limit_nanos": entry["limit_nanos"],
         "crossed_at": entry["at"],
@@ -173,7 +168,7 @@ class Notifier:
         """Send one claimed entry and settle it in the outbox; True when delivered."""
         what = (f"{entry['org']} {entry['level']} {entry['scope']!r} crossed "
                 f"{entry['threshold_percent']}% in {entry['period']} "
-                f"(spent {_usd(entry['spent_nanos'])} of {_usd(entry['limit_nanos'])} USD)")
+                f"(spent {usd_text(entry['spent_nanos'])} of {usd_text(entry['limit_nanos'])} USD)")
         url = entry.get("webhook")
         if not url:
             outbox.mark_delivered(self.ledger, entry["seq"], self.owner, self._now_ms(), "logged")
