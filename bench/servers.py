@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.procfs import children_of
+
 __all__ = ["ServerProc", "cpu_seconds", "launch_aio", "launch_echo", "launch_sidecar", "ready",
            "system_cpu"]
 
@@ -49,20 +51,6 @@ def system_cpu() -> tuple[float, float]:
     return (total - idle) / _TICK, total / _TICK
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry.name))
-    return sorted(found)
-
-
 @dataclass
 class ServerProc:
     """A server child process and the port it answers on."""
@@ -80,7 +68,7 @@ class ServerProc:
 
     def serving_pids(self) -> list[int]:
         """The processes that answer calls (the workers, with ``--workers``)."""
-        return _children(self.process.pid) if self.workers > 1 else [self.process.pid]
+        return children_of(self.process.pid) if self.workers > 1 else [self.process.pid]
 
     def cpu(self) -> list[float]:
         """CPU seconds so far of each serving process."""

@@ -35,6 +35,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.procfs import descendants_of, socket_inodes
 from sidecar.api.v1 import spendkeeper_pb2 as pb
 from sidecar.api.v1 import spendkeeper_pb2_grpc as pb_grpc
 from sidecar.ledger.store import COUNTER, decode_key, loads, open_env, unpack_entry
@@ -395,47 +396,6 @@ def pid_alive(pid: int) -> bool:
 
 
 # ------------------------------------------------------------------ /proc
-def children_of(pid: int) -> list[int]:
-    """Process ids whose parent is ``pid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return sorted(found)
-
-
-def descendants_of(pid: int) -> list[int]:
-    """Every live process below ``pid``."""
-    result: list[int] = []
-    todo = [pid]
-    while todo:
-        kids = children_of(todo.pop())
-        result.extend(kids)
-        todo.extend(kids)
-    return result
-
-
-def socket_inodes(pid: int) -> set[int]:
-    """Inodes of the sockets process ``pid`` has open."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            link = os.readlink(fd)
-        except OSError:
-            continue
-        match = re.fullmatch(r"socket:\[(\d+)\]", link)
-        if match:
-            inodes.add(int(match.group(1)))
-    return inodes
-
-
 def tcp_listeners(pid: int) -> list[tuple[str, int]]:
     """(address, port) of every listening TCP socket (v4 and v6) that process ``pid`` owns."""
     import ipaddress

@@ -260,48 +260,6 @@ def serve_args(policy: Path, data_dir: Path, *extra: str,
 
 
 # ------------------------------------------------------------------ /proc
-def children_of(pid: int) -> list[int]:
-    """Process ids whose parent is ``pid`` (read from /proc/*/stat)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # comm may contain spaces and parentheses: the fields after it follow the last ')'.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid:
-            found.append(int(entry.name))
-    return sorted(found)
-
-
-def descendants_of(pid: int) -> list[int]:
-    """Every process below ``pid`` in the process tree."""
-    result: list[int] = []
-    todo = [pid]
-    while todo:
-        kids = children_of(todo.pop())
-        result.extend(kids)
-        todo.extend(kids)
-    return result
-
-
-def socket_inodes(pid: int) -> set[int]:
-    """Inodes of the sockets process ``pid`` has open."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            link = os.readlink(fd)
-        except OSError:
-            continue
-        match = re.fullmatch(r"socket:\[(\d+)\]", link)
-        if match:
-            inodes.add(int(match.group(1)))
-    return inodes
-
-
 def tcp_sockets(pid: int | str = "self") -> list[tuple[str, int, str, int]]:
     """(local address, local port, state hex, inode) of every TCP socket in ``pid``'s netns."""
     rows = []

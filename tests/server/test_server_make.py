@@ -8,8 +8,9 @@ import signal
 from pathlib import Path
 
 import pytest
-from _server_support import ROOT, descendants_of, new_id, start_server
+from _server_support import ROOT, new_id, start_server
 
+from bench.procfs import descendants_of
 from sidecar.api.v1 import spendkeeper_pb2 as pb
 
 

@@ -10,10 +10,8 @@ from _server_support import (
     TCP_ESTABLISHED,
     TCP_LISTEN,
     authorize_request,
-    children_of,
     copy_policy,
     serve_args,
-    socket_inodes,
     start_server,
     tcp_sockets,
     usd,
@@ -21,6 +19,7 @@ from _server_support import (
     wait_until,
 )
 
+from bench.procfs import children_of, socket_inodes
 from sidecar.api.v1 import spendkeeper_pb2 as pb
 from sidecar.api.v1 import spendkeeper_pb2_grpc as pb_grpc
 
