@@ -45,6 +45,7 @@ import grpc
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from policy.model import nanos_to_usd
 from sidecar.api.v1 import spendkeeper_pb2 as pb
 
 __all__ = [
@@ -112,8 +113,8 @@ class Denied(SpendKeeperError):
 
 # ------------------------------------------------------------------ values
 def money_to_decimal(money: pb.Money) -> Decimal:
-    """A Money message as exact USD (units plus billionths)."""
-    return Decimal(money.units) + Decimal(money.nanos) * _NANO
+    """A Money message as exact USD (units plus billionths), without trailing zeros."""
+    return nanos_to_usd(money.units * 1_000_000_000 + money.nanos)
 
 
 def decimal_to_money(amount: Decimal) -> pb.Money:
