@@ -46,13 +46,26 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from policy.model import nanos_to_usd
+from policy.pricing import Usage
 from sidecar.api.v1 import spendkeeper_pb2 as pb
 
 __all__ = [
-    "DEFAULT_CHANNEL_OPTIONS", "REASON_SIDECAR_UNAVAILABLE", "Authorization", "Denied",
-    "GuardedCall", "InvalidRequest", "Recorded", "RequestConflict", "SidecarUnavailable",
-    "SpendKeeperClient", "SpendKeeperError", "Usage", "decimal_to_money", "money_to_decimal",
+    "DEFAULT_CHANNEL_OPTIONS",
+    "REASON_SIDECAR_UNAVAILABLE",
+    "Authorization",
+    "Denied",
+    "GuardedCall",
+    "InvalidRequest",
+    "Recorded",
+    "RequestConflict",
+    "SidecarUnavailable",
+    "SpendKeeperClient",
+    "SpendKeeperError",
+    "Usage",
+    "decimal_to_money",
+    "money_to_decimal",
     "new_request_id",
+    "usage_pb",
 ]
 
 _log = logging.getLogger("spendkeeper.client")
@@ -130,22 +143,15 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-@dataclass(frozen=True)
-class Usage:
-    """Metered quantities of one model call (all whole numbers)."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_write_5m_tokens: int = 0
-    cache_write_1h_tokens: int = 0
-    cache_read_tokens: int = 0
-    web_search_requests: int = 0
-    web_fetch_requests: int = 0
-    code_execution_seconds: int = 0
-
-    def to_pb(self) -> pb.Usage:
-        """As a proto Usage."""
-        return pb.Usage(**{name: getattr(self, name) for name in self.__dataclass_fields__})
+def usage_pb(usage: Usage) -> pb.Usage:
+    """A usage record (the same :class:`policy.pricing.Usage` the sidecar prices) as proto."""
+    return pb.Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                    cache_write_5m_tokens=usage.cache_write_5m_tokens,
+                    cache_write_1h_tokens=usage.cache_write_1h_tokens,
+                    cache_read_tokens=usage.cache_read_tokens,
+                    web_search_requests=usage.web_search_requests,
+                    web_fetch_requests=usage.web_fetch_requests,
+                    code_execution_seconds=usage.code_execution_seconds)
 
 
 @dataclass(frozen=True)
@@ -275,7 +281,7 @@ class SpendKeeperClient:
                          web_fetch_requests, code_execution_seconds)
         msg = pb.AuthorizeRequest(
             request_id=request_id, org=org, user=user, product=product, model=model,
-            estimate=estimate.to_pb(), service_tier=_tier(service_tier), speed=_speed(speed),
+            estimate=usage_pb(estimate), service_tier=_tier(service_tier), speed=_speed(speed),
             inference_geo=inference_geo, allow_clamp=allow_clamp)
         if at is not None:
             msg.at.CopyFrom(_timestamp(at))
@@ -324,7 +330,7 @@ class SpendKeeperClient:
                       at: dt.datetime | None) -> Recorded:
         msg = pb.RecordRequest(
             request_id=request_id, org=org, user=user, product=product, model=model,
-            usage=usage.to_pb(), service_tier=_tier(service_tier), speed=_speed(speed),
+            usage=usage_pb(usage), service_tier=_tier(service_tier), speed=_speed(speed),
             inference_geo=inference_geo)
         if at is not None:
             msg.at.CopyFrom(_timestamp(at))
