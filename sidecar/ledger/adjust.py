@@ -187,11 +187,11 @@ def add_adjustment(ledger: Ledger, org: OrgPolicy, *, user: str, period: str, am
                            member.user_type, period, amount, reason, when, model, counters)
         if counters:
             # The month's levels of the period's first instant; never the day window.
-            # Ledger._add is the one place that knows the counter encoding.
+            # Ledger.add_counter is the one place that knows the counter encoding.
             start = month_bounds(period, org.tz)[0]
             for scope in scopes_for(org, member, start):
                 if scope.level != "user_day":
-                    ledger._add(txn, scope.key, spent=nanos)
+                    ledger.add_counter(txn, scope.key, spent=nanos)
         txn.put(_prefix(period, org.name) + _SEQ.pack(seq), dumps(entry.to_json()),
                 db=ledger.dbs["adjustments"])
         return entry, True

@@ -14,18 +14,27 @@ import datetime as dt
 import hashlib
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
-from policy.decide import Decision, Key, Level, Request, Scope, decide, scopes_for
-from policy.model import MemberDef, OrgPolicy, Policy
-from policy.periods import month_bounds, period_key
-from policy.pricing import TOOL_FIELDS, Cost, price
+from policy.decide import Key, Request, decide
+from policy.model import Policy
+from sidecar.ledger._settle import settle
+from sidecar.ledger.results import (
+    AuthorizeResult,
+    Clock,
+    LevelView,
+    RecordResult,
+    SystemClock,
+    auth_from,
+    auth_json,
+    auth_result,
+    rec_from,
+    rec_json,
+)
 from sidecar.ledger.store import (
     COUNTER,
     DATABASES,
@@ -51,79 +60,6 @@ _DEADLINE = struct.Struct(">Q")
 DEFAULT_MAP_SIZE = 4 << 30  # 4 GiB of address space; the file grows only as used
 
 
-class Clock:
-    """Time as the ledger sees it: wall clock for periods, monotonic for TTLs."""
-
-    def now(self) -> dt.datetime:
-        """The current UTC time."""
-        raise NotImplementedError
-
-    def monotonic_ns(self) -> int:
-        """A monotonic reading (CLOCK_MONOTONIC is shared by processes of one boot)."""
-        raise NotImplementedError
-
-
-class SystemClock(Clock):
-    """The real clocks."""
-
-    def now(self) -> dt.datetime:
-        return dt.datetime.now(dt.UTC)
-
-    def monotonic_ns(self) -> int:
-        return time.monotonic_ns()
-
-
-@dataclass(slots=True)  # not frozen: built per request, frozen init is 4x slower
-class LevelView:
-    """A level's counters after an operation (nano-USD; limit None = unlimited)."""
-
-    level: str
-    scope: str
-    limit: int | None
-    spent: int
-    reserved: int
-
-    @property
-    def remaining(self) -> int | None:
-        """Headroom left, never negative; None when unlimited."""
-        return None if self.limit is None else max(self.limit - self.spent - self.reserved, 0)
-
-
-@dataclass(slots=True)  # not frozen: built per request, frozen init is 4x slower
-class AuthorizeResult:
-    """The stored answer to an Authorize."""
-
-    allowed: bool
-    reason: str
-    message: str
-    reserved: int  # nano-USD
-    worst_case: int  # nano-USD
-    levels: tuple[LevelView, ...]
-    max_output_tokens: int | None
-    period: str
-    resets_at: dt.datetime | None
-    expires_at: dt.datetime | None
-    policy_version: str
-    shadow: bool
-    verdict: str
-    replayed: bool = False  # True when this is the stored answer to a retry
-
-
-@dataclass(slots=True)  # not frozen: built per request, frozen init is 4x slower
-class RecordResult:
-    """The stored answer to a Record."""
-
-    cost: int  # nano-USD charged
-    priced: bool
-    levels: tuple[LevelView, ...]
-    period: str
-    late: bool
-    policy_version: str
-    duplicate: bool = False
-    #: The priced cost (lines per meter) of a first settlement; None on replays.
-    detail: Cost | None = None
-    user_type: str = ""
-
 
 def _fingerprint(kind: str, req: Request, at_given: bool) -> bytes:
     """A digest of everything a retry must repeat (``at`` only if the caller set it)."""
@@ -135,40 +71,6 @@ def _fingerprint(kind: str, req: Request, at_given: bool) -> bytes:
              req.allow_clamp, req.at.timestamp() if at_given else None)
     return hashlib.blake2b(repr(parts).encode(), digest_size=12).digest()
 
-
-def _views(levels: tuple[Level, ...], reserve: int) -> tuple[LevelView, ...]:
-    return tuple(LevelView(lv.scope.level, lv.scope.name, lv.scope.limit, lv.spent,
-                           lv.reserved + reserve) for lv in levels)
-
-
-def _views_json(views: tuple[LevelView, ...]) -> list[list[Any]]:
-    return [[v.level, v.scope, v.limit, v.spent, v.reserved] for v in views]
-
-
-def _views_from(raw: list[list[Any]]) -> tuple[LevelView, ...]:
-    return tuple(LevelView(r[0], r[1], r[2], r[3], r[4]) for r in raw)
-
-
-def _micros(when: dt.datetime | None) -> int | None:
-    if when is None:
-        return None
-    delta = when - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def _from_micros(value: int | None) -> dt.datetime | None:
-    return None if value is None else _EPOCH + dt.timedelta(microseconds=value)
-
-
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-def _iso(when: dt.datetime | None) -> str | None:
-    return when.isoformat() if when is not None else None
-
-
-def _from_iso(text: str | None) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(text) if text else None
 
 
 class Ledger:
@@ -250,8 +152,9 @@ class Ledger:
         spent, reserved, count = COUNTER.unpack_from(raw)
         return spent, reserved, count
 
-    def _add(self, txn: lmdb.Transaction, key: Key, spent: int = 0, reserved: int = 0,
-             requests: int = 0) -> None:
+    def add_counter(self, txn: lmdb.Transaction, key: Key, spent: int = 0, reserved: int = 0,
+                    requests: int = 0) -> None:
+        """Add to a counter inside ``txn`` (the one place that knows its encoding)."""
         ekey = encode_key(key)
         raw = txn.get(ekey, db=self._counters)
         if raw is None:
@@ -264,7 +167,8 @@ class Ledger:
             packed += dumps(list(key))
         txn.put(ekey, packed, db=self._counters)
 
-    def _next_seq(self, txn: lmdb.Transaction, name: bytes) -> bytes:
+    def next_seq(self, txn: lmdb.Transaction, name: bytes) -> bytes:
+        """The next number of sequence ``name`` (8 bytes, big-endian) inside ``txn``."""
         meta = self.dbs["meta"]
         raw = txn.get(name, db=meta)
         seq = (_SEQ.unpack(raw)[0] if raw else 0) + 1
@@ -287,7 +191,7 @@ class Ledger:
                     if previous["afp"] != fp:
                         raise Conflict(f'request_id "{req.request_id}" was already used for '
                                        "a different Authorize")
-                    return self._auth_from(previous["auth"], replayed=True)
+                    return auth_from(previous["auth"], replayed=True)
                 raise Conflict(f'request_id "{req.request_id}" was already recorded')
 
             seen: dict[Key, tuple[bytes, tuple[int, int, int]]] = {}
@@ -318,40 +222,19 @@ class Ledger:
                 expires = self.clock.now() + dt.timedelta(microseconds=self.ttl_ns // 1000)
             else:
                 entry["state"] = "allowed" if decision.allowed else "denied"
-            result = self._auth_result(decision, policy.version, expires)
-            entry["auth"] = self._auth_json(result)
+            result = auth_result(decision, policy.version, expires)
+            entry["auth"] = auth_json(result)
             txn.put(rkey, pack_entry(entry), db=self._requests)
             return result
 
         result: AuthorizeResult = self.run_write(work)
         return result
 
-    @staticmethod
-    def _auth_result(d: Decision, version: str, expires: dt.datetime | None) -> AuthorizeResult:
-        views = _views(d.levels, d.reserve if d.allowed else 0)
-        return AuthorizeResult(d.allowed, d.reason, d.message, d.reserve if d.allowed else 0,
-                               d.cost.nanos if d.cost is not None else 0, views,
-                               d.max_output_tokens, d.period, d.resets_at, expires, version,
-                               d.shadow, d.verdict)
-
-    @staticmethod
-    def _auth_json(r: AuthorizeResult) -> list[Any]:
-        """The stored answer as a flat list (times as epoch microseconds: cheap to encode)."""
-        return [r.allowed, r.reason, r.message, r.reserved, r.worst_case,
-                _views_json(r.levels), r.max_output_tokens, r.period, _micros(r.resets_at),
-                _micros(r.expires_at), r.policy_version, r.shadow, r.verdict]
-
-    @staticmethod
-    def _auth_from(j: list[Any], replayed: bool = False) -> AuthorizeResult:
-        return AuthorizeResult(j[0], j[1], j[2], j[3], j[4], _views_from(j[5]), j[6], j[7],
-                               _from_micros(j[8]), _from_micros(j[9]), j[10], j[11], j[12],
-                               replayed)
-
     # ---------------------------------------------------------------- release / expiry
     def _drop_reservation(self, txn: lmdb.Transaction, rkey: bytes, entry: dict[str, Any],
                           state: str) -> None:
         for key in entry["keys"]:
-            self._add(txn, tuple(key), reserved=-entry["amount"])
+            self.add_counter(txn, tuple(key), reserved=-entry["amount"])
         txn.delete(_DEADLINE.pack(entry["deadline"]) + rkey, db=self._expiry)
         entry["state"] = state
         txn.put(rkey, pack_entry(entry), db=self._requests)
@@ -438,12 +321,12 @@ class Ledger:
                 if entry["rfp"] != fp:
                     raise Conflict(f'request_id "{req.request_id}" was already recorded with a '
                                    "different payload")
-                return dataclasses.replace(self._rec_from(entry["rec"]), duplicate=True)
+                return dataclasses.replace(rec_from(entry["rec"]), duplicate=True)
             if entry.get("state") == "reserved":
                 expired = self._expired(entry, now_ns)
                 self._drop_reservation(txn, rkey, entry, "expired" if expired else "settling")
-            result = self._settle(txn, policy, req, now)
-            entry.update(state="settled", rfp=fp, rec=self._rec_json(result))
+            result = settle(self, txn, policy, req, now)
+            entry.update(state="settled", rfp=fp, rec=rec_json(result))
             txn.put(rkey, pack_entry(entry), db=self._requests)
             return result
 
@@ -452,137 +335,6 @@ class Ledger:
         # waiting, or its fsync failed in another process), and this answer acknowledges it.
         self._durable()
         return result
-
-    def _settle(self, txn: lmdb.Transaction, policy: Policy, req: Request,
-                now: dt.datetime) -> RecordResult:
-        org = policy.orgs.get(req.org)
-        if org is None:
-            period = req.at.astimezone(dt.UTC).strftime("%Y-%m")
-            self._unpriced(txn, period, req, "unknown org")
-            return RecordResult(0, False, (), period, False, policy.version)
-        at, late = self._attribution(org, req.at, now)
-        period = period_key(at, org.tz)
-        member = org.member(req.user) or MemberDef(req.user, "", (), None, None, False)
-        free = self._free_remaining(txn, org, period)
-        cost = price(org.rates, req.model, req.usage, req.at, service_tier=req.service_tier,
-                     speed=req.speed, geo=req.geo, free_remaining=free)
-        if not cost.priced:
-            self._unpriced(txn, period, req, f'unknown model "{req.model}"')
-        scopes = scopes_for(org, member, at)
-        for scope in scopes:
-            self._add(txn, scope.key, spent=cost.nanos, requests=1)
-        self._aggregate(txn, period, org, member, cost, late)
-        views = tuple(self._view(txn, sc) for sc in scopes)
-        self._crossings(txn, org, scopes, views, cost.nanos, period, now)
-        self._journal(txn, period, org, member, req, cost, late)
-        return RecordResult(cost.nanos, cost.priced, views, period, late, policy.version,
-                            detail=cost, user_type=member.user_type)
-
-    def _attribution(self, org: OrgPolicy, at: dt.datetime,
-                     now: dt.datetime) -> tuple[dt.datetime, bool]:
-        """When usage counts: its own period, or now if it came after the grace window."""
-        current = period_key(now, org.tz)
-        own = period_key(at, org.tz)
-        if own >= current:
-            return at, False
-        closes = month_bounds(own, org.tz)[1] + dt.timedelta(days=org.grace_days)
-        return (at, True) if now < closes else (now, True)
-
-    def _view(self, txn: lmdb.Transaction, scope: Scope) -> LevelView:
-        spent, reserved, _ = self.counter(txn, scope.key)
-        return LevelView(scope.level, scope.name, scope.limit, spent, reserved)
-
-    def _free_remaining(self, txn: lmdb.Transaction, org: OrgPolicy, period: str) -> dict[str, int]:
-        free: dict[str, int] = {}
-        for name, rate in org.rates.tools.items():
-            if rate.free_per_month:
-                raw = txn.get(encode_key((period, org.name, name)), db=self.dbs["allowances"])
-                used = _SEQ.unpack(raw)[0] if raw else 0
-                free[name] = max(rate.free_per_month - used, 0)
-        return free
-
-    def _aggregate(self, txn: lmdb.Transaction, period: str, org: OrgPolicy, member: MemberDef,
-                   cost: Cost, late: bool) -> None:
-        usage_db = self.dbs["usage"]
-        flags = (", fallback" if cost.fallback else "") + (", late" if late else "")
-        label = cost.label + flags
-        # Tool fees are never discounted or multiplied: their lines say so.
-        tool_label = "tool fee" + flags
-        for line in cost.lines:
-            key = (period, org.name, member.user, cost.model, line.meter, str(line.unit_usd),
-                   str(line.per), tool_label if line.meter.startswith("tool:") else label)
-            ekey = encode_key(key)
-            raw = txn.get(ekey, db=usage_db)
-            qty, free, count = COUNTER.unpack_from(raw) if raw else (0, 0, 0)
-            packed = COUNTER.pack(qty + line.quantity, free + line.free, count + 1)
-            if is_hashed(ekey):
-                packed += dumps(list(key))
-            txn.put(ekey, packed, db=usage_db)
-            if line.free:
-                tool = line.meter.removeprefix("tool:")
-                akey = encode_key((period, org.name, tool))
-                raw = txn.get(akey, db=self.dbs["allowances"])
-                used = _SEQ.unpack(raw)[0] if raw else 0
-                txn.put(akey, _SEQ.pack(used + line.free), db=self.dbs["allowances"])
-
-    def _journal(self, txn: lmdb.Transaction, period: str, org: OrgPolicy, member: MemberDef,
-                 req: Request, cost: Cost, late: bool) -> None:
-        seq = self._next_seq(txn, b"journal_seq")
-        usage = {f: getattr(req.usage, f) for f in (
-            "input_tokens", "output_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
-            "cache_read_tokens", *TOOL_FIELDS.values()) if getattr(req.usage, f)}
-        entry = {"id": req.request_id, "org": org.name, "user": member.user,
-                 "type": member.user_type, "product": req.product, "model": req.model,
-                 "priced_as": cost.model, "usage": usage, "tier": req.service_tier,
-                 "speed": req.speed, "geo": req.geo, "at": req.at.isoformat(),
-                 "nanos": cost.nanos, "atto": str(cost.atto), "priced": cost.priced,
-                 "late": late}
-        txn.put(encode_key((period, org.name)) + b"\x1f" + seq, dumps(entry),
-                db=self.dbs["journal"])
-
-    def _unpriced(self, txn: lmdb.Transaction, period: str, req: Request, why: str) -> None:
-        seq = self._next_seq(txn, b"unpriced_seq")
-        entry = {"id": req.request_id, "org": req.org, "user": req.user, "model": req.model,
-                 "why": why, "at": req.at.isoformat(),
-                 "usage": dataclasses.asdict(req.usage)}
-        txn.put(encode_key((period, req.org)) + b"\x1f" + seq, dumps(entry),
-                db=self.dbs["unpriced"])
-
-    def _crossings(self, txn: lmdb.Transaction, org: OrgPolicy, scopes: tuple[Scope, ...],
-                   views: tuple[LevelView, ...], added: int, period: str,
-                   now: dt.datetime) -> None:
-        if not org.thresholds or added <= 0:
-            return
-        for scope, view in zip(scopes, views, strict=True):
-            if scope.limit is None or scope.level == "user_day":
-                continue
-            before = view.spent - added
-            for pct in org.thresholds:
-                mark = scope.limit * pct / 100
-                if before < mark <= view.spent:
-                    ckey = encode_key((*scope.key, str(pct)))
-                    if txn.get(ckey, db=self.dbs["crossings"]) is not None:
-                        continue
-                    seq = self._next_seq(txn, b"outbox_seq")
-                    txn.put(ckey, seq, db=self.dbs["crossings"])
-                    note = {"seq": _SEQ.unpack(seq)[0],
-                            "key": hashlib.sha256(repr((scope.key, str(pct))).encode())
-                            .hexdigest()[:32],
-                            "org": org.name, "level": scope.level, "scope": scope.name,
-                            "period": period, "threshold_percent": str(pct),
-                            "spent_nanos": view.spent, "limit_nanos": scope.limit,
-                            "at": now.isoformat(), "webhook": org.webhook,
-                            "attempts": 0, "delivered": False}
-                    txn.put(seq, dumps(note), db=self.dbs["outbox"])
-
-    @staticmethod
-    def _rec_json(r: RecordResult) -> dict[str, Any]:
-        return {"c": r.cost, "pr": r.priced, "l": _views_json(r.levels), "p": r.period,
-                "late": r.late, "v": r.policy_version}
-
-    @staticmethod
-    def _rec_from(j: dict[str, Any]) -> RecordResult:
-        return RecordResult(j["c"], j["pr"], _views_from(j["l"]), j["p"], j["late"], j["v"])
 
     # ---------------------------------------------------------------- reading
     def read(self) -> lmdb.Transaction:
