@@ -7,12 +7,10 @@ here does I/O beyond reading the policy files themselves.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import os
 import stat
 from collections.abc import Iterable, Sequence
-from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -184,14 +182,3 @@ def zone(name: str) -> ZoneInfo | None:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
         return None
-
-
-def utc_midnight(day: dt.date) -> dt.datetime:
-    """Midnight UTC at the start of ``day``: when dated prices take effect."""
-    return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
-
-
-def is_whole(value: Decimal, scale: int) -> bool:
-    """Whether ``value * scale`` is an integer (exactly representable)."""
-    scaled = value * scale
-    return scaled == scaled.to_integral_value()
