@@ -114,7 +114,6 @@ class Notifier:
         self.failed = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._warned_unsigned = False
 
     @classmethod
     def from_config(cls, config: Config, ledger: Ledger) -> Notifier:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime as dt
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -34,11 +33,10 @@ from policy.decide import Key, Request, decide, scopes_for
 from policy.model import OrgPolicy, Policy, atto_to_usd
 from policy.pricing import Cost, Usage, price
 from sidecar.explain import LedgerReader, usd
-from sidecar.ledger.store import loads
+from sidecar.ledger.store import SEQ, loads
 
 __all__ = ["JournalRecord", "ReplayReport", "Totals", "read_journal", "replay"]
 
-_SEQ = struct.Struct(">Q")
 _MAX_EXAMPLES = 20
 
 
@@ -66,7 +64,7 @@ def read_journal(reader: LedgerReader, period: str, org: str | None = None) -> l
                       entry["model"], usage, dt.datetime.fromisoformat(entry["at"]),
                       entry.get("tier", "standard"), entry.get("speed", "standard"),
                       entry.get("geo", ""))
-        records.append(JournalRecord(_SEQ.unpack(key[-_SEQ.size:])[0], req,
+        records.append(JournalRecord(SEQ.unpack(key[-SEQ.size:])[0], req,
                                      entry.get("type", ""), int(entry["nanos"]),
                                      int(entry.get("atto", 0)), bool(entry.get("priced", True)),
                                      bool(entry.get("late", False))))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-import struct
 from typing import TYPE_CHECKING
 
 import lmdb
@@ -20,14 +19,13 @@ from policy.model import MemberDef, OrgPolicy, Policy
 from policy.periods import month_bounds, period_key
 from policy.pricing import TOOL_FIELDS, Cost, price
 from sidecar.ledger.results import LevelView, RecordResult
-from sidecar.ledger.store import COUNTER, dumps, encode_key, is_hashed
+from sidecar.ledger.store import COUNTER, SEQ, dumps, encode_key, is_hashed
 
 if TYPE_CHECKING:
     from sidecar.ledger.core import Ledger
 
 __all__ = ["settle"]
 
-_SEQ = struct.Struct(">Q")
 
 
 def settle(ledger: Ledger, txn: lmdb.Transaction, policy: Policy, req: Request,
@@ -48,13 +46,14 @@ def settle(ledger: Ledger, txn: lmdb.Transaction, policy: Policy, req: Request,
     if not cost.priced:
         _unpriced(ledger, txn, period, req, f'unknown model "{req.model}"')
     scopes = scopes_for(org, member, at)
+    views = []
     for scope in scopes:
-        ledger.add_counter(txn, scope.key, spent=cost.nanos, requests=1)
+        spent, reserved, _ = ledger.add_counter(txn, scope.key, spent=cost.nanos, requests=1)
+        views.append(LevelView(scope.level, scope.name, scope.limit, spent, reserved))
     _aggregate(ledger, txn, period, org, member, cost, late)
-    views = tuple(_view(ledger, txn, sc) for sc in scopes)
-    _crossings(ledger, txn, org, scopes, views, cost.nanos, period, now)
+    _crossings(ledger, txn, org, scopes, tuple(views), cost.nanos, period, now)
     _journal(ledger, txn, period, org, member, req, cost, late)
-    return RecordResult(cost.nanos, cost.priced, views, period, late, policy.version,
+    return RecordResult(cost.nanos, cost.priced, tuple(views), period, late, policy.version,
                         detail=cost, user_type=member.user_type)
 
 
@@ -68,18 +67,13 @@ def _attribution(org: OrgPolicy, at: dt.datetime, now: dt.datetime) -> tuple[dt.
     return (at, True) if now < closes else (now, True)
 
 
-def _view(ledger: Ledger, txn: lmdb.Transaction, scope: Scope) -> LevelView:
-    spent, reserved, _ = ledger.counter(txn, scope.key)
-    return LevelView(scope.level, scope.name, scope.limit, spent, reserved)
-
-
 def _free_remaining(ledger: Ledger, txn: lmdb.Transaction, org: OrgPolicy,
                     period: str) -> dict[str, int]:
     free: dict[str, int] = {}
     for name, rate in org.rates.tools.items():
         if rate.free_per_month:
             raw = txn.get(encode_key((period, org.name, name)), db=ledger.dbs["allowances"])
-            used = _SEQ.unpack(raw)[0] if raw else 0
+            used = SEQ.unpack(raw)[0] if raw else 0
             free[name] = max(rate.free_per_month - used, 0)
     return free
 
@@ -105,8 +99,8 @@ def _aggregate(ledger: Ledger, txn: lmdb.Transaction, period: str, org: OrgPolic
             tool = line.meter.removeprefix("tool:")
             akey = encode_key((period, org.name, tool))
             raw = txn.get(akey, db=ledger.dbs["allowances"])
-            used = _SEQ.unpack(raw)[0] if raw else 0
-            txn.put(akey, _SEQ.pack(used + line.free), db=ledger.dbs["allowances"])
+            used = SEQ.unpack(raw)[0] if raw else 0
+            txn.put(akey, SEQ.pack(used + line.free), db=ledger.dbs["allowances"])
 
 
 def _journal(ledger: Ledger, txn: lmdb.Transaction, period: str, org: OrgPolicy,
@@ -152,7 +146,7 @@ def _crossings(ledger: Ledger, txn: lmdb.Transaction, org: OrgPolicy,
                     continue
                 seq = ledger.next_seq(txn, b"outbox_seq")
                 txn.put(ckey, seq, db=ledger.dbs["crossings"])
-                note = {"seq": _SEQ.unpack(seq)[0],
+                note = {"seq": SEQ.unpack(seq)[0],
                         "key": hashlib.sha256(repr((scope.key, str(pct))).encode())
                         .hexdigest()[:32],
                         "org": org.name, "level": scope.level, "scope": scope.name,

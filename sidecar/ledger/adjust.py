@@ -16,7 +16,6 @@ correction. Each is fsync'd before :func:`add_adjustment` returns.
 from __future__ import annotations
 
 import datetime as dt
-import struct
 import uuid
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -28,7 +27,7 @@ from policy.decide import scopes_for
 from policy.model import NANOS_PER_USD, MemberDef, OrgPolicy
 from policy.periods import month_bounds, parse_period
 from sidecar.ledger.core import Ledger
-from sidecar.ledger.store import Conflict, LedgerUnavailable, dumps, encode_key, loads
+from sidecar.ledger.store import SEQ, Conflict, LedgerUnavailable, dumps, encode_key, loads
 
 __all__ = [
     "MAX_AMOUNT_USD", "Adjustment", "AdjustmentError", "add_adjustment", "list_adjustments",
@@ -37,7 +36,6 @@ __all__ = [
 
 #: The largest correction accepted, in USD (nano-USD counters are 64-bit).
 MAX_AMOUNT_USD = Decimal(10) ** 9
-_SEQ = struct.Struct(">Q")
 _SEQ_NAME = b"adjustments_seq"
 _MAX_REASON = 1000
 _MAX_ID_BYTES = 256
@@ -179,10 +177,8 @@ def add_adjustment(ledger: Ledger, org: OrgPolicy, *, user: str, period: str, am
                     return entry, False
                 raise Conflict(f'correction id "{adjustment_id}" was already used for a '
                                "different correction")
-        meta = ledger.dbs["meta"]
-        raw = txn.get(_SEQ_NAME, db=meta)
-        seq = (_SEQ.unpack(raw)[0] if raw else 0) + 1
-        txn.put(_SEQ_NAME, _SEQ.pack(seq), db=meta)
+        packed_seq = ledger.next_seq(txn, _SEQ_NAME)
+        seq = SEQ.unpack(packed_seq)[0]
         entry = Adjustment(seq, adjustment_id or uuid.uuid4().hex, org.name, user,
                            member.user_type, period, amount, reason, when, model, counters)
         if counters:
@@ -192,7 +188,7 @@ def add_adjustment(ledger: Ledger, org: OrgPolicy, *, user: str, period: str, am
             for scope in scopes_for(org, member, start):
                 if scope.level != "user_day":
                     ledger.add_counter(txn, scope.key, spent=nanos)
-        txn.put(_prefix(period, org.name) + _SEQ.pack(seq), dumps(entry.to_json()),
+        txn.put(_prefix(period, org.name) + packed_seq, dumps(entry.to_json()),
                 db=ledger.dbs["adjustments"])
         return entry, True
 

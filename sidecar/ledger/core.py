@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +37,7 @@ from sidecar.ledger.results import (
 from sidecar.ledger.store import (
     COUNTER,
     DATABASES,
+    SEQ,
     Conflict,
     GroupSync,
     LedgerFull,
@@ -55,10 +55,7 @@ from sidecar.ledger.store import (
 
 __all__ = ["AuthorizeResult", "Clock", "Ledger", "LevelView", "RecordResult", "SystemClock"]
 
-_SEQ = struct.Struct(">Q")
-_DEADLINE = struct.Struct(">Q")
 DEFAULT_MAP_SIZE = 4 << 30  # 4 GiB of address space; the file grows only as used
-
 
 
 def _fingerprint(kind: str, req: Request, at_given: bool) -> bytes:
@@ -70,7 +67,6 @@ def _fingerprint(kind: str, req: Request, at_given: bool) -> bytes:
              usage.code_execution_seconds, req.service_tier, req.speed, req.geo,
              req.allow_clamp, req.at.timestamp() if at_given else None)
     return hashlib.blake2b(repr(parts).encode(), digest_size=12).digest()
-
 
 
 class Ledger:
@@ -91,14 +87,16 @@ class Ledger:
         self._faults = (self.path / "FAULTS_ENABLED").exists()
         self.group = GroupSync(self._sync) if durable else None
         self.expired_total = 0
-        self._lock = threading.Lock()
-        with self.env.begin(write=True) as txn:
-            stored_boot = txn.get(b"boot", db=self.dbs["meta"])
-            if stored_boot is not None and stored_boot.decode() != self.boot:
-                # Deadlines from another boot mean nothing now: those calls are gone.
-                self._expire_all(txn)
-            txn.put(b"boot", self.boot.encode(), db=self.dbs["meta"])
+        self._lock = threading.Lock()  # guards expired_total (reaped from several threads)
+        self.run_write(self._mark_boot)
         self.env.reader_check()
+
+    def _mark_boot(self, txn: lmdb.Transaction) -> None:
+        stored_boot = txn.get(b"boot", db=self.dbs["meta"])
+        if stored_boot is not None and bytes(stored_boot).decode() != self.boot:
+            # Deadlines from another boot mean nothing now: those calls are gone.
+            self._expire_all(txn)
+        txn.put(b"boot", self.boot.encode(), db=self.dbs["meta"])
 
     # ---------------------------------------------------------------- plumbing
     def _sync(self) -> None:
@@ -153,8 +151,9 @@ class Ledger:
         return spent, reserved, count
 
     def add_counter(self, txn: lmdb.Transaction, key: Key, spent: int = 0, reserved: int = 0,
-                    requests: int = 0) -> None:
-        """Add to a counter inside ``txn`` (the one place that knows its encoding)."""
+                    requests: int = 0) -> tuple[int, int, int]:
+        """Add to a counter inside ``txn`` (the one place that knows its encoding);
+        returns its new (spent, reserved, requests)."""
         ekey = encode_key(key)
         raw = txn.get(ekey, db=self._counters)
         if raw is None:
@@ -166,14 +165,15 @@ class Ledger:
         if is_hashed(ekey):
             packed += dumps(list(key))
         txn.put(ekey, packed, db=self._counters)
+        return values
 
     def next_seq(self, txn: lmdb.Transaction, name: bytes) -> bytes:
         """The next number of sequence ``name`` (8 bytes, big-endian) inside ``txn``."""
         meta = self.dbs["meta"]
         raw = txn.get(name, db=meta)
-        seq = (_SEQ.unpack(raw)[0] if raw else 0) + 1
-        txn.put(name, _SEQ.pack(seq), db=meta)
-        return _SEQ.pack(seq)
+        seq = (SEQ.unpack(raw)[0] if raw else 0) + 1
+        txn.put(name, SEQ.pack(seq), db=meta)
+        return SEQ.pack(seq)
 
     # ---------------------------------------------------------------- authorize
     def authorize(self, policy: Policy, req: Request, *, at_given: bool = True,
@@ -218,7 +218,7 @@ class Ledger:
                     txn.put(ekey, packed, db=self._counters)
                 entry.update(state="reserved", amount=decision.reserve, keys=keys,
                              deadline=deadline, boot=self.boot)
-                txn.put(_DEADLINE.pack(deadline) + rkey, b"", db=self._expiry)
+                txn.put(SEQ.pack(deadline) + rkey, b"", db=self._expiry)
                 expires = self.clock.now() + dt.timedelta(microseconds=self.ttl_ns // 1000)
             else:
                 entry["state"] = "allowed" if decision.allowed else "denied"
@@ -235,7 +235,7 @@ class Ledger:
                           state: str) -> None:
         for key in entry["keys"]:
             self.add_counter(txn, tuple(key), reserved=-entry["amount"])
-        txn.delete(_DEADLINE.pack(entry["deadline"]) + rkey, db=self._expiry)
+        txn.delete(SEQ.pack(entry["deadline"]) + rkey, db=self._expiry)
         entry["state"] = state
         txn.put(rkey, pack_entry(entry), db=self._requests)
 
@@ -269,11 +269,11 @@ class Ledger:
             cursor = txn.cursor(db=self._expiry)
             due: list[bytes] = []
             for key in cursor.iternext(keys=True, values=False):
-                if _DEADLINE.unpack_from(key)[0] > now_ns or len(due) >= limit:
+                if SEQ.unpack_from(key)[0] > now_ns or len(due) >= limit:
                     break
                 due.append(bytes(key))
             for key in due:
-                rkey = key[_DEADLINE.size:]
+                rkey = key[SEQ.size:]
                 raw = txn.get(rkey, db=self._requests)
                 if raw is None:
                     txn.delete(key, db=self._expiry)
@@ -287,14 +287,15 @@ class Ledger:
             return done
 
         count: int = self.run_write(work)
-        self.expired_total += count
+        with self._lock:
+            self.expired_total += count
         return count
 
     def _expire_all(self, txn: lmdb.Transaction) -> None:
         cursor = txn.cursor(db=self._expiry)
         keys = [bytes(k) for k in cursor.iternext(keys=True, values=False)]
         for key in keys:
-            rkey = key[_DEADLINE.size:]
+            rkey = key[SEQ.size:]
             raw = txn.get(rkey, db=self._requests)
             if raw is not None and unpack_entry(raw).get("state") == "reserved":
                 self._drop_reservation(txn, rkey, unpack_entry(raw), "expired")

@@ -22,7 +22,6 @@ retry times must mean the same thing in every process and across restarts.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,14 +29,13 @@ from typing import Any
 import lmdb
 
 from sidecar.ledger.core import Ledger
-from sidecar.ledger.store import dumps, loads
+from sidecar.ledger.store import SEQ, dumps, loads
 
 __all__ = [
     "LOW_WATER", "OutboxStats", "claim", "due", "entries", "get", "mark_delivered",
     "record_failure", "stats",
 ]
 
-_SEQ = struct.Struct(">Q")
 #: Key in the ``meta`` database: every outbox seq at or below it is delivered,
 #: so scans for pending entries start after it instead of at the beginning.
 LOW_WATER = b"outbox_low_water"
@@ -55,14 +53,14 @@ class OutboxStats:
 
 def _low_water(txn: lmdb.Transaction, ledger: Ledger) -> int:
     raw = txn.get(LOW_WATER, db=ledger.dbs["meta"])
-    return int(_SEQ.unpack(raw)[0]) if raw else 0
+    return int(SEQ.unpack(raw)[0]) if raw else 0
 
 
 def _undelivered(txn: lmdb.Transaction, ledger: Ledger,
                  limit: int = SCAN_LIMIT) -> Iterator[dict[str, Any]]:
     """Undelivered entries in seq order, starting after the low-water mark."""
     cursor = txn.cursor(db=ledger.dbs["outbox"])
-    if not cursor.set_range(_SEQ.pack(_low_water(txn, ledger) + 1)):
+    if not cursor.set_range(SEQ.pack(_low_water(txn, ledger) + 1)):
         return
     for seen, (_key, value) in enumerate(cursor):
         if seen >= limit:
@@ -81,7 +79,7 @@ def entries(ledger: Ledger) -> list[dict[str, Any]]:
 def get(ledger: Ledger, seq: int) -> dict[str, Any] | None:
     """The entry ``seq``, or None."""
     with ledger.read() as txn:
-        raw = txn.get(_SEQ.pack(seq), db=ledger.dbs["outbox"])
+        raw = txn.get(SEQ.pack(seq), db=ledger.dbs["outbox"])
         return loads(raw) if raw is not None else None
 
 
@@ -115,7 +113,7 @@ def stats(ledger: Ledger) -> OutboxStats:
 def _update(ledger: Ledger, seq: int,
             change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any] | None:
     """Apply ``change(entry) -> entry | None`` (None: leave it) to ``seq`` in one write txn."""
-    key = _SEQ.pack(seq)
+    key = SEQ.pack(seq)
     with ledger.env.begin(write=True) as txn:
         raw = txn.get(key, db=ledger.dbs["outbox"])
         if raw is None:
@@ -148,7 +146,7 @@ def mark_delivered(ledger: Ledger, seq: int, owner: str, now_ms: int, how: str) 
     Marked even when the lease ran out meanwhile: the receiver has the
     notification, so nobody should send it again.
     """
-    key = _SEQ.pack(seq)
+    key = SEQ.pack(seq)
     with ledger.env.begin(write=True) as txn:
         raw = txn.get(key, db=ledger.dbs["outbox"])
         if raw is None:
@@ -167,14 +165,14 @@ def _advance_low_water(txn: lmdb.Transaction, ledger: Ledger) -> None:
     low = _low_water(txn, ledger)
     start = low
     cursor = txn.cursor(db=ledger.dbs["outbox"])
-    if cursor.set_range(_SEQ.pack(low + 1)):
+    if cursor.set_range(SEQ.pack(low + 1)):
         for key, value in cursor:
-            seq = int(_SEQ.unpack(key)[0])
+            seq = int(SEQ.unpack(key)[0])
             if seq != low + 1 or not loads(value).get("delivered"):
                 break
             low = seq
     if low != start:
-        txn.put(LOW_WATER, _SEQ.pack(low), db=ledger.dbs["meta"])
+        txn.put(LOW_WATER, SEQ.pack(low), db=ledger.dbs["meta"])
 
 
 def record_failure(ledger: Ledger, seq: int, owner: str, error: str, now_ms: int,

@@ -95,7 +95,6 @@ class RecordResult:
     user_type: str = ""
 
 
-
 def _views(levels: tuple[Level, ...], reserve: int) -> tuple[LevelView, ...]:
     return tuple(LevelView(lv.scope.level, lv.scope.name, lv.scope.limit, lv.spent,
                            lv.reserved + reserve) for lv in levels)
@@ -121,15 +120,6 @@ def _from_micros(value: int | None) -> dt.datetime | None:
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-def _iso(when: dt.datetime | None) -> str | None:
-    return when.isoformat() if when is not None else None
-
-
-def _from_iso(text: str | None) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(text) if text else None
-
 
 
 def auth_result(d: Decision, version: str, expires: dt.datetime | None) -> AuthorizeResult:

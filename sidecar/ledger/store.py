@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import threading
 import time
@@ -22,7 +21,7 @@ import lmdb
 import msgpack
 
 __all__ = [
-    "COUNTER", "DATABASES", "GroupSync", "LedgerError", "LedgerFull", "LedgerUnavailable",
+    "COUNTER", "DATABASES", "SEQ", "GroupSync", "LedgerError", "LedgerFull", "LedgerUnavailable",
     "boot_id", "decode_key", "dumps", "encode_key", "iter_prefix", "loads", "open_env",
     "pack_entry",
     "unpack_entry",
@@ -30,6 +29,8 @@ __all__ = [
 
 #: spent, reserved, requests (nano-USD, nano-USD, count)
 COUNTER = struct.Struct(">qqq")
+#: Sequence numbers and monotonic deadlines: big-endian, so keys sort numerically.
+SEQ = struct.Struct(">Q")
 _MAX_KEY = 480  # LMDB's default key limit is 511 bytes; keep a margin
 _SEP = "\x1f"
 
@@ -246,9 +247,3 @@ def fault_sync_check(path: Path) -> None:
     """
     if (path / "FAIL_FSYNC").exists():
         raise OSError(5, "Input/output error (injected by FAIL_FSYNC)")
-
-
-def file_modes_ok(path: Path) -> bool:
-    """Whether the data files are private (0600) as created."""
-    return all((os.stat(path / name).st_mode & 0o077) == 0
-               for name in ("data.mdb", "lock.mdb") if (path / name).exists())
