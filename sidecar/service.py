@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -83,7 +83,7 @@ class SpendKeeperService:
 
     # -------------------------------------------------------------- plumbing
     def _fail(self, context: grpc.ServicerContext, rpc: str, code: grpc.StatusCode,
-              message: str, started: float) -> Any:
+              message: str, started: float) -> NoReturn:
         self.observer.failed(rpc, code.name, time.perf_counter() - started)
         context.abort(code, message)
 
@@ -92,18 +92,18 @@ class SpendKeeperService:
         try:
             return fn()
         except BadRequest as exc:
-            return self._fail(context, rpc, grpc.StatusCode.INVALID_ARGUMENT, str(exc), started)  # type: ignore[no-any-return]
+            self._fail(context, rpc, grpc.StatusCode.INVALID_ARGUMENT, str(exc), started)
         except Conflict as exc:
-            return self._fail(context, rpc, grpc.StatusCode.FAILED_PRECONDITION, str(exc),  # type: ignore[no-any-return]
+            self._fail(context, rpc, grpc.StatusCode.FAILED_PRECONDITION, str(exc),
                               started)
         except LedgerFull as exc:
             _log.error("ledger full: %s", exc)
-            return self._fail(context, rpc, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), started)  # type: ignore[no-any-return]
+            self._fail(context, rpc, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), started)
         except LedgerUnavailable as exc:
             _log.error("ledger unavailable: %s", exc)
             if self.on_storage_failure is not None:
                 self.on_storage_failure()
-            return self._fail(context, rpc, grpc.StatusCode.UNAVAILABLE, str(exc), started)  # type: ignore[no-any-return]
+            self._fail(context, rpc, grpc.StatusCode.UNAVAILABLE, str(exc), started)
 
     @staticmethod
     def _check_parsed(request: object) -> None:
@@ -210,7 +210,7 @@ class SpendKeeperService:
         try:
             return self._guard("GetUsage", context, started, run)
         except _NotFound as exc:
-            return self._fail(context, "GetUsage", grpc.StatusCode.NOT_FOUND, str(exc), started)  # type: ignore[no-any-return]
+            self._fail(context, "GetUsage", grpc.StatusCode.NOT_FOUND, str(exc), started)
 
 
 class _NotFound(Exception):
